@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+_scheduler_connector: "weakref.ReferenceType[LiveVLMConnector] | None" = None
+
+
+def scheduler_connector() -> "LiveVLMConnector | None":
+    """The scheduler-side connector of this process, if the engine core runs here."""
+    return _scheduler_connector() if _scheduler_connector is not None else None
 
 
 @dataclass
@@ -66,6 +73,9 @@ class LiveVLMConnector(KVConnectorBase_V1):
         self.store: SessionStore | None = SessionStore() if role == KVConnectorRole.WORKER else None
         self._step: StepRequests | None = None
         self._changed: dict[str, dict[str, Any]] = {}
+        if role == KVConnectorRole.SCHEDULER:
+            global _scheduler_connector
+            _scheduler_connector = weakref.ref(self)
 
     # ==== scheduler side ================================================================================
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:

@@ -52,13 +52,16 @@ class Preset:
     vocab_size: int | None = None
     tie_word_embeddings: bool = False
     tokenizer_vocab: int = 600
+    # Random weights at the usual 0.02 give near-constant greedy output; tests need answers that depend
+    # on the video, so the small presets use a wider init.
+    initializer_range: float = 0.02
 
 
 PRESETS: dict[str, Preset] = {
     # Fast tests: head_dim 64 (CPU attention needs >= 32), 2 layers.
-    "tiny": Preset(128, 256, 2, 2, 1, 32, 64, 2, 2),
+    "tiny": Preset(128, 256, 2, 2, 1, 32, 64, 2, 2, initializer_range=0.15),
     # CPU benchmarks: 8 layers, hidden 512, head_dim 64.
-    "bench": Preset(512, 1408, 8, 8, 2, 128, 512, 4, 2),
+    "bench": Preset(512, 1408, 8, 8, 2, 128, 512, 4, 2, initializer_range=0.08),
     # Real shapes: Qwen2-0.5B / Qwen2-7B + SigLIP-so400m (26 layers as used by LLaVA-OneVision).
     "0.5b": Preset(896, 4864, 24, 14, 2, 1152, 4304, 26, 16, vocab_size=151936, tie_word_embeddings=True),
     "7b": Preset(3584, 18944, 28, 28, 4, 1152, 4304, 26, 16, vocab_size=152064),
@@ -129,17 +132,19 @@ def build_tiny_model(out_dir: str, preset: str = "tiny", seed: int = 0, dtype: s
         vocab_size=vocab, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=32768,
-        rope_theta=1000000.0, tie_word_embeddings=shape.tie_word_embeddings)
+        rope_theta=1000000.0, tie_word_embeddings=shape.tie_word_embeddings,
+        initializer_range=shape.initializer_range)
     vision_config = SiglipVisionConfig(
         hidden_size=shape.vision_hidden_size, intermediate_size=shape.vision_intermediate_size,
         num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
-        image_size=384, patch_size=14)
+        image_size=384, patch_size=14, initializer_range=shape.initializer_range)
     config = LlavaOnevisionConfig(
         text_config=text_config, vision_config=vision_config,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-1, vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[384, 384]], tie_word_embeddings=shape.tie_word_embeddings)
+        image_grid_pinpoints=[[384, 384]], tie_word_embeddings=shape.tie_word_embeddings,
+        initializer_range=shape.initializer_range)
     config.text_config.rope_theta = 1000000.0
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).to(getattr(torch, dtype))

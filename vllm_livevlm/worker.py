@@ -1,0 +1,59 @@
+"""Worker RPCs for the LiveVLM session store (`--worker-extension-cls vllm_livevlm.worker.LiveVLMWorkerExtension`).
+
+vLLM mixes this class into its worker; the front end reaches the methods with `collective_rpc`, so every
+tensor-parallel rank opens, pins and frees the same streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.connector.connector import LiveVLMConnector, scheduler_connector
+from vllm_livevlm.connector.params import RequestKind
+from vllm_livevlm.connector.store import SessionStore
+
+
+def _connector() -> LiveVLMConnector:
+    if not has_kv_transfer_group() or not isinstance(get_kv_transfer_group(), LiveVLMConnector):
+        raise RuntimeError("this engine runs without the LiveVLM connector: start it with "
+                           "--kv-transfer-config '{\"kv_connector\": \"LiveVLMConnector\", "
+                           "\"kv_connector_module_path\": \"vllm_livevlm.connector\", \"kv_role\": \"kv_both\"}'")
+    return get_kv_transfer_group()
+
+
+def _store() -> SessionStore:
+    store = _connector().store
+    assert store is not None
+    return store
+
+
+class LiveVLMWorkerExtension:
+    def livevlm_open_stream(self, stream_id: str, config: dict[str, Any]) -> None:
+        _store().open(stream_id, LiveVLMConfig.from_dict(config))
+
+    def livevlm_prepare(self, stream_id: str, kind: str, req_id: str) -> dict[str, int]:
+        return _store().prepare(stream_id, RequestKind(kind), req_id)
+
+    def livevlm_release(self, req_ids: list[str]) -> None:
+        _store().release(req_ids)
+
+    def livevlm_close_stream(self, stream_id: str) -> int:
+        freed = _store().close(stream_id)
+        _connector().note_stream_closed(stream_id)
+        return freed
+
+    def livevlm_stats(self, stream_id: str) -> dict[str, Any]:
+        return _store().stats(stream_id)
+
+    def livevlm_engine_stats(self) -> dict[str, Any]:
+        """Store bytes and, when the scheduler shares this process (single-process engines), the paged
+        pool's free block count."""
+        store = _store()
+        stats: dict[str, Any] = {"streams": len(store.stream_ids()), "store_bytes": store.total_bytes()}
+        scheduler = scheduler_connector()
+        if scheduler is not None and scheduler.kv_cache_manager is not None:
+            stats["free_blocks"] = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        return stats
