@@ -28,3 +28,14 @@ class LiveVLMLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditional
         text_config.architectures = [LANGUAGE_MODEL_ARCH]
         hf_config.text_config = text_config
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def _process_video_pixels(self, inputs):
+        return per_video_2d(super()._process_video_pixels(inputs))
+
+
+def per_video_2d(embeddings):
+    """vLLM 0.32 returns `[1, N, D]` per video when a batch mixes videos of different lengths (e.g. a
+    flushed short clip next to a full one), which its runner rejects; return `[N, D]` as it expects."""
+    if isinstance(embeddings, list):
+        return [e.squeeze(0) if e.dim() == 3 else e for e in embeddings]
+    return embeddings

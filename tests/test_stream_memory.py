@@ -1,0 +1,208 @@
+"""Stream memory end to end on real vLLM (tiny random model, CPU, float32): clips and questions are vLLM
+requests, the answer is decoded by vLLM, and the lossless configuration matches vanilla vLLM exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from vllm_livevlm import LiveVLM, LiveVLMConfigError, StreamClosed
+from vllm_livevlm.frames import FrameError
+
+pytestmark = pytest.mark.slow
+
+LOSSLESS = {"long_term_budget_tokens": None, "retrieve_ratio": 1.0, "encode_context": "all"}
+QUESTION = "what is happening in the video?"
+TOKENS_PER_FRAME = 196
+
+
+def _video(seed: int, frames: int, size: int = 48) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(frames, size, size, 3), dtype=np.uint8)
+
+
+def _greedy(n: int = 32):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def lv(tiny_model_dir):
+    engine = LiveVLM(tiny_model_dir, LOSSLESS, dtype="float32", max_model_len=16384)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny_model_dir):
+    """Stock vLLM (in this process), with the one fix our model variant carries: vLLM 0.32 cannot embed a
+    prompt whose videos differ in length (a flushed short clip), see `_process_video_pixels`."""
+    from vllm import LLM
+    from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+
+    from vllm_livevlm.model.llava_onevision import per_video_2d
+
+    stock = LlavaOnevisionForConditionalGeneration._process_video_pixels
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LlavaOnevisionForConditionalGeneration, "_process_video_pixels",
+                      lambda self, inputs: per_video_2d(stock(self, inputs)))
+        yield LLM(model=tiny_model_dir, dtype="float32", max_model_len=16384, max_num_batched_tokens=16384,
+                  limit_mm_per_prompt={"video": 8}, enforce_eager=True, enable_prefix_caching=False, seed=0)
+
+
+def _vanilla_answer(vanilla, tokenizer, clips: list[np.ndarray], question: str) -> list[int]:
+    """Vanilla vLLM over the same clips: one video item per clip, the same chat layout."""
+    sink = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
+    turn = tokenizer.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    video = tokenizer.convert_tokens_to_ids("<video>")
+    prompt = {"prompt_token_ids": sink + [video] * len(clips) + turn, "multi_modal_data": {"video": clips}}
+    return list(vanilla.generate(prompt, _greedy())[0].outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("clip_frames", [2, 4])
+def test_lossless_answers_equal_vanilla_vllm(lv, vanilla, clip_frames):
+    for seed in range(3):
+        video = _video(seed, 12)
+        stream = lv.open_stream({"clip_frames": clip_frames})
+        stream.append(video)
+        answer = stream.ask(QUESTION, _greedy())
+        clips = [video[i:i + clip_frames] for i in range(0, len(video), clip_frames)]
+        assert answer.token_ids == _vanilla_answer(vanilla, lv.tokenizer, clips, QUESTION), f"seed {seed}"
+        assert answer.frames_covered == 12
+        stream.close()
+
+
+def test_pending_frames_are_flushed_as_a_short_clip(lv, vanilla):
+    video = _video(7, 10)
+    stream = lv.open_stream({"clip_frames": 4})
+    stream.append(video)  # two clips of 4, 2 frames pending
+    assert stream.stats()["pending_frames"] == 2
+    answer = stream.ask(QUESTION, _greedy())
+    assert answer.frames_covered == 10
+    clips = [video[0:4], video[4:8], video[8:10]]
+    assert answer.token_ids == _vanilla_answer(vanilla, lv.tokenizer, clips, QUESTION)
+    stream.close()
+
+
+def test_one_prefill_per_clip_and_questions_prefill_only_their_turn(lv):
+    stream = lv.open_stream({"clip_frames": 4})
+    results = stream.append(_video(3, 16))
+    # vLLM's own counters: prompt tokens minus the tokens it reports as already computed.
+    assert [r.prompt_tokens_computed for r in results] == [4 * TOKENS_PER_FRAME + 1] * 4
+    assert sum(r.prompt_tokens_computed for r in results) == 16 * TOKENS_PER_FRAME + 4  # + one newline per clip
+    turn = lv.tokenizer.encode(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    for _ in range(2):
+        answer = stream.ask(QUESTION, _greedy(4))
+        assert answer.prompt_tokens_computed == len(turn)
+        assert answer.prompt_tokens == stream.stats()["tokens_kept"] + len(turn)
+    stream.close()
+
+
+def _bytes_bound(lv, config, sinks: int) -> int:
+    """The memory a stream may hold by the spec: sinks + M long-term + the short-term frames, per layer."""
+    text = lv.engine.model_config.hf_config.text_config
+    layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
+    head_dim = text.hidden_size // text.num_attention_heads
+    stm = config["short_term_frames"] * TOKENS_PER_FRAME + 1
+    tokens = sinks + config["long_term_budget_tokens"] + stm
+    per_token_layer = 2 * kv_heads * head_dim * 4 + kv_heads * 4  # float32 K and V, one score per KV head
+    ids = layers * kv_heads * config["long_term_budget_tokens"] * 16 + stm * 16  # token ids + frames (int64)
+    return layers * tokens * per_token_layer + ids
+
+
+def test_bounded_memory_on_a_2000_frame_stream(lv):
+    config = {"clip_frames": 16, "short_term_frames": 2, "long_term_budget_tokens": 1024, "page_tokens": 16,
+              "retrieve_ratio": 1.0}
+    free_at_start = lv.engine_stats()["free_blocks"]
+    stream = lv.open_stream(config)
+    bound = _bytes_bound(lv, config, stream.stats()["sink_tokens"])
+    rng = np.random.default_rng(0)
+    for _ in range(2000 // 80):
+        stream.append(rng.integers(0, 256, size=(80, 16, 16, 3), dtype=np.uint8))
+        stats = stream.stats()
+        assert stats["long_term_tokens"] <= 1024
+        assert stats["bytes"] <= bound
+        assert stats["bytes_all_versions"] == stats["bytes"]  # no stale snapshot kept once requests finished
+        assert lv.engine_stats()["free_blocks"] == free_at_start
+    stats = stream.stats()
+    assert stats["frames"] == 2000 and stats["long_term_tokens"] == 1024
+    assert stats["compression_ratio"] > 20
+    answer = stream.ask(QUESTION, _greedy(8))
+    assert answer.prompt_tokens_computed < 40
+    assert lv.engine_stats()["free_blocks"] == free_at_start
+    store_before_close = lv.engine_stats()["store_bytes"]
+    assert stream.close() == stats["bytes"]
+    assert lv.engine_stats()["store_bytes"] == store_before_close - stats["bytes"]
+
+
+def test_interleaved_streams_answer_like_streams_run_alone(lv):
+    config = {"clip_frames": 4, "long_term_budget_tokens": 256, "retrieve_ratio": 1.0, "page_tokens": 16}
+    videos = [_video(100 + i, 16) for i in range(4)]
+
+    def alone(video):
+        stream = lv.open_stream(config)
+        stream.append(video[:8])
+        first = stream.ask(QUESTION, _greedy(16)).token_ids
+        stream.append(video[8:])
+        second = stream.ask(QUESTION, _greedy(16)).token_ids
+        stream.close()
+        return first, second
+
+    expected = [alone(v) for v in videos]
+
+    async def together():
+        streams = [lv.open_stream(config) for _ in videos]
+        await asyncio.gather(*(s.append_async(v[:8]) for s, v in zip(streams, videos)))
+        first = await asyncio.gather(*(s.ask_async(QUESTION, _greedy(16)) for s in streams))
+        await asyncio.gather(*(s.append_async(v[8:]) for s, v in zip(streams, videos)))
+        second = await asyncio.gather(*(s.ask_async(QUESTION, _greedy(16)) for s in streams))
+        for s in streams:
+            s.close()
+        return [(a.token_ids, b.token_ids) for a, b in zip(first, second)]
+
+    assert asyncio.run(together()) == expected
+
+
+def test_ask_stream_yields_the_answer_text(lv):
+    stream = lv.open_stream({"clip_frames": 4})
+    stream.append(_video(11, 4))
+    full = stream.ask(QUESTION, _greedy(12)).text
+
+    async def collect():
+        return [delta async for delta in stream.ask_stream(QUESTION, _greedy(12))]
+
+    deltas = asyncio.run(collect())
+    assert "".join(deltas) == full and len(deltas) > 1
+    stream.close()
+
+
+def test_bad_input_fails_clearly_and_other_streams_keep_working(lv):
+    good = lv.open_stream({"clip_frames": 2})
+    bad = lv.open_stream({"clip_frames": 2})
+    with pytest.raises(FrameError, match=r"shape \[T, H, W, 3\]"):
+        bad.append(np.zeros((2, 32, 32), dtype=np.uint8).reshape(2, 32, 32, 1))
+    with pytest.raises(FrameError, match="uint8"):
+        bad.append(np.zeros((2, 32, 32, 3), dtype=np.float32))
+    with pytest.raises(FrameError, match="no frames"):
+        bad.append(np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(FrameError, match="empty list"):
+        bad.append([])
+    bad.append(_video(1, 2, size=32))
+    with pytest.raises(ValueError, match=r"frames of this stream are \[32, 32, 3\]"):
+        bad.append(_video(1, 2, size=40))
+    with pytest.raises(ValueError, match="non-empty string"):
+        bad.ask("   ")
+    bad.close()
+    with pytest.raises(StreamClosed, match="closed"):
+        bad.ask(QUESTION)
+    with pytest.raises(StreamClosed):
+        bad.append(_video(1, 2))
+    with pytest.raises(LiveVLMConfigError, match="multiple of bucket_capacity"):
+        lv.open_stream({"long_term_budget_tokens": 100, "bucket_capacity": 3})
+    with pytest.raises(ValueError, match="clip_frames=400 needs"):
+        lv.open_stream({"clip_frames": 400})
+    good.append(_video(2, 4))
+    assert len(good.ask(QUESTION, _greedy(4)).token_ids) == 4
+    good.close()
