@@ -3,6 +3,7 @@ queries and keys the attention layer captured, and are what the stream memory st
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import numpy as np
@@ -66,6 +67,7 @@ def test_clip_scores_match_direct_softmax(llm, monkeypatch):
 
     def run(prompt, params, req_id):
         sp = one.clone()
+        params = dataclasses.replace(params, request_id=req_id)
         sp.extra_args = {"kv_transfer_params": params.to_kv_transfer_params()}
         llm.llm_engine.add_request(req_id, prompt, sp)
         while llm.llm_engine.has_unfinished_requests():

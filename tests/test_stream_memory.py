@@ -109,7 +109,8 @@ def _bytes_bound(lv, config, sinks: int) -> int:
     tokens = sinks + config["long_term_budget_tokens"] + stm
     per_token_layer = 2 * kv_heads * head_dim * 4 + kv_heads * 4  # float32 K and V, one score per KV head
     ids = layers * kv_heads * config["long_term_budget_tokens"] * 16 + stm * 16  # token ids + frames (int64)
-    return layers * tokens * per_token_layer + ids
+    summaries = layers * (config["long_term_budget_tokens"] // config["page_tokens"]) * kv_heads * head_dim * 4
+    return layers * tokens * per_token_layer + ids + summaries
 
 
 def test_bounded_memory_on_a_2000_frame_stream(lv):

@@ -47,8 +47,14 @@ def test_top_r_kept_buckets_filled_exact_budget_temporal_order():
     assert set(top_r.tolist()) <= set(kept.tolist())
     buckets = torch.arange(num) * (budget // capacity) // num
     counts = torch.bincount(buckets[kept], minlength=budget // capacity)
-    assert torch.all(counts >= capacity)  # every temporal bucket reaches its capacity
+    by_score = torch.bincount(buckets[top_r], minlength=budget // capacity)
+    # The coverage phase fills buckets up to their capacity and never beyond it.
+    assert torch.all(counts <= torch.clamp(by_score, min=capacity))
+    assert torch.all(counts[by_score < capacity] >= by_score[by_score < capacity])
     assert kept.max() > 2500 and kept.min() < 50  # coverage reaches both ends of the stream
+    # Without a score phase the coverage phase fills every bucket exactly to its capacity.
+    coverage_only = VisionSinkBucketing(budget, capacity, 0).select(scores)
+    assert torch.all(torch.bincount(buckets[coverage_only], minlength=budget // capacity) == capacity)
 
 
 def test_under_budget_keeps_everything_and_per_head():

@@ -15,12 +15,13 @@ the `*_async` / `ask_stream` methods can be awaited from any event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,7 +49,10 @@ class Answer:
     frames_covered: int         # frames in memory when the question was answered
     prompt_tokens: int          # tokens in the request (placeholders + question turn)
     prompt_tokens_computed: int  # tokens actually prefilled (the question turn)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: flush, ttft, total
+    # Per layer, the (first frame, last frame) of each long-term page the question read, in order.
+    retrieved_pages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    retrieved_page_indices: dict[int, list[int]] = field(default_factory=dict)  # page numbers, same order
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: flush, ttft, total, retrieval
 
 
 @dataclass
@@ -174,19 +178,27 @@ class LiveVLM:
     async def _rpc(self, method: str, *args: Any) -> Any:
         return (await self.engine.collective_rpc(method, args=args))[0]
 
-    async def _generate(self, prompt: dict, sampling_params: Any, request_id: str, params: LiveVLMParams) -> Any:
-        """Submit one LiveVLM request; yields its outputs. The snapshot pin is released if it never ran."""
+    async def _submit(self, prompt: dict, sampling_params: Any, request_id: str, params: LiveVLMParams,
+                      on_output: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Run one LiveVLM request to completion; returns its final output and its retrieval report.
+
+        The snapshot pin is released here as soon as the request ends (the connector also releases it
+        when the engine finishes the request, but only with the engine's next step)."""
+        params = dataclasses.replace(params, request_id=request_id)
         extra = dict(sampling_params.extra_args or {})
         extra["kv_transfer_params"] = params.to_kv_transfer_params()
         sampling_params.extra_args = extra
+        output = None
+        report: dict[str, Any] = {}
         try:
             async for output in self.engine.generate(prompt, sampling_params, request_id=request_id):
-                yield output
+                if on_output is not None:
+                    on_output(output)
         finally:
-            # The snapshot pin is released by the connector when the engine finishes the request; this
-            # also covers a request that failed before it reached the engine, and an idle engine.
             if params.kind != RequestKind.SINKS:
-                await self._rpc("livevlm_release", [request_id])
+                report = (await self._rpc("livevlm_release", [request_id])).get(request_id, {})
+        assert output is not None
+        return output, report
 
 
 class Stream:
@@ -220,6 +232,12 @@ class Stream:
         stats = self.owner._run(self.owner._rpc("livevlm_stats", self.id))
         stats.update(pending_frames=len(self._pending), frames_received=self.frames_received)
         return stats
+
+    def kept_tokens(self) -> dict[str, Any]:
+        """Which stream tokens the memory holds: `long_term[layer][kv_head]` and `short_term` token ids
+        (clip tokens numbered from 0 in arrival order, one newline token closing each clip)."""
+        self._check_open()
+        return self.owner._run(self.owner._rpc("livevlm_kept_tokens", self.id))
 
     def close(self) -> int:
         """Free the stream's memory; returns the bytes freed. Closing twice is harmless."""
@@ -291,8 +309,7 @@ class Stream:
         prefix = (f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else "") + USER_TURN
         tokens = owner.tokenizer.encode(prefix, add_special_tokens=False)
         params = LiveVLMParams(self.id, RequestKind.SINKS)
-        async for _ in owner._generate({"prompt_token_ids": tokens}, _one_token(), f"lv-sinks-{self.id}", params):
-            pass
+        await owner._submit({"prompt_token_ids": tokens}, _one_token(), f"lv-sinks-{self.id}", params)
 
     async def _encode_ready(self, batch: np.ndarray) -> list[ClipResult]:
         self._pending.extend(batch)
@@ -317,10 +334,7 @@ class Stream:
             prompt = {"prompt_token_ids": [owner.placeholder_token_id] * params.context_tokens + [owner.video_token_id],
                       "multi_modal_data": {"video": frames},
                       "multi_modal_uuids": {"video": [req_id]}}
-            output = None
-            async for output in owner._generate(prompt, _one_token(), req_id, params):
-                pass
-            assert output is not None
+            output, _ = await owner._submit(prompt, _one_token(), req_id, params)
             self.frames_encoded += num_frames
             self.clips_encoded += 1
             computed = len(output.prompt_token_ids) - (output.num_cached_tokens or 0)
@@ -346,22 +360,29 @@ class Stream:
         params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"])
         question_tokens = owner.tokenizer.encode(QUESTION_TURN.format(question=question), add_special_tokens=False)
         prompt = {"prompt_token_ids": [owner.placeholder_token_id] * params.context_tokens + question_tokens}
-        output, first_token_at, sent = None, None, 0
-        async for output in owner._generate(prompt, sampling, req_id, params):
+        first_token_at: float | None = None
+        sent = 0
+
+        def on_output(output: Any) -> None:
+            nonlocal first_token_at, sent
             completion = output.outputs[0]
             if first_token_at is None and completion.token_ids:
                 first_token_at = time.perf_counter()
             if on_delta is not None and len(completion.text) > sent:
                 on_delta(completion.text[sent:])
                 sent = len(completion.text)
-        assert output is not None
+
+        output, report = await owner._submit(prompt, sampling, req_id, params, on_output)
         end = time.perf_counter()
         completion = output.outputs[0]
         return Answer(
             text=completion.text, token_ids=list(completion.token_ids), frames_covered=frames_covered,
             prompt_tokens=len(output.prompt_token_ids),
             prompt_tokens_computed=len(output.prompt_token_ids) - (output.num_cached_tokens or 0),
-            timings={"flush": flushed - start, "ttft": (first_token_at or end) - flushed, "total": end - start})
+            retrieved_pages={int(layer): [tuple(r) for r in ranges] for layer, ranges in report.get("pages", {}).items()},
+            retrieved_page_indices={int(layer): list(p) for layer, p in report.get("page_indices", {}).items()},
+            timings={"flush": flushed - start, "ttft": (first_token_at or end) - flushed, "total": end - start,
+                     "retrieval": report.get("seconds", 0.0)})
 
 
 def _one_token() -> Any:

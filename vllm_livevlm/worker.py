@@ -37,8 +37,12 @@ class LiveVLMWorkerExtension:
     def livevlm_prepare(self, stream_id: str, kind: str, req_id: str) -> dict[str, int]:
         return _store().prepare(stream_id, RequestKind(kind), req_id)
 
-    def livevlm_release(self, req_ids: list[str]) -> None:
-        _store().release(req_ids)
+    def livevlm_release(self, req_ids: list[str]) -> dict[str, Any]:
+        """Unpin finished requests; returns their retrieval reports (questions)."""
+        store = _store()
+        reports = store.take_retrieval_reports(req_ids)
+        store.release(req_ids)
+        return reports
 
     def livevlm_close_stream(self, stream_id: str) -> int:
         freed = _store().close(stream_id)
@@ -47,6 +51,12 @@ class LiveVLMWorkerExtension:
 
     def livevlm_stats(self, stream_id: str) -> dict[str, Any]:
         return _store().stats(stream_id)
+
+    def livevlm_kept_tokens(self, stream_id: str) -> dict[str, Any]:
+        """Stream token ids in memory: long-term per layer (and KV head), short-term."""
+        store = _store()
+        memory = store.snapshot(stream_id, store.stats(stream_id)["version"])
+        return {"long_term": memory.ltm_ids.tolist(), "short_term": memory.stm_ids.tolist()}
 
     def livevlm_engine_stats(self) -> dict[str, Any]:
         """Store bytes and, when the scheduler shares this process (single-process engines), the paged

@@ -46,7 +46,7 @@ def scheduler_connector() -> "LiveVLMConnector | None":
 @dataclass
 class LiveVLMConnectorMetadata(KVConnectorMetadata):
     requests: list[RequestSlots] = field(default_factory=list)  # first (prefill) step of LiveVLM requests
-    finished: list[str] = field(default_factory=list)           # finished LiveVLM requests: release pins
+    finished: list[str] = field(default_factory=list)           # finished LiveVLM requests (front-end ids)
 
 
 @dataclass
@@ -109,7 +109,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
         if params is None:
             return False, None
         self._allocated.pop(request.request_id, None)
-        self._finished.append(request.request_id)
+        self._finished.append(params.request_id)
         index = self.stream_index.setdefault(params.stream_id, {})
         index["last_use"] = time.time()
         return False, None

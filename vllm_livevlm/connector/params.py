@@ -21,6 +21,7 @@ class LiveVLMParams:
     context_tokens: int = 0   # P: leading placeholder tokens the connector fills
     frame_start: int = 0      # clip: stream index of its first frame
     num_frames: int = 0       # clip: frames in the clip
+    request_id: str = ""      # the front end's id (vLLM may suffix its internal request ids): pin key
 
     KEY = "livevlm"
 

@@ -11,12 +11,14 @@ per layer, the model variant calls:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
+from vllm_livevlm.memory import retrieval
 from vllm_livevlm.memory.stream import ClipKV, StreamMemory
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ class _Active:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     scored_context_k: dict[int, torch.Tensor] = field(default_factory=dict)
     context_slots: torch.Tensor | None = None
+    retrieved: dict[int, list[int]] = field(default_factory=dict)  # question: pages read per layer
+    retrieval_seconds: float = 0.0
 
 
 class StepRequests:
@@ -90,7 +94,8 @@ class StepRequests:
             self.active.append(active)
 
     # ---- per layer, called by LiveVLMQwen2Attention ---------------------------------------------------------
-    def before_attention(self, layer: int, attn, rotary_emb, k: torch.Tensor, v: torch.Tensor) -> None:
+    def before_attention(self, layer: int, attn, rotary_emb, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> None:
         heads, dim = attn.num_kv_heads, attn.head_size
         for a in self.active:
             kind = a.slots.params.kind
@@ -100,8 +105,10 @@ class StepRequests:
             if not a.fill_context or a.slots.params.context_tokens == 0:
                 continue
             assert a.memory is not None and a.context_slots is not None
-            ctx_k, ctx_v = (a.memory.clip_context(layer) if kind == RequestKind.CLIP
-                            else a.memory.question_context(layer))
+            if kind == RequestKind.CLIP:
+                ctx_k, ctx_v = a.memory.clip_context(layer)
+            else:
+                ctx_k, ctx_v = a.memory.question_context(layer, self._retrieve(a, layer, attn, q))
             rotated = ctx_k.reshape(ctx_k.shape[0], heads * dim).clone()
             positions = torch.arange(rotated.shape[0], device=rotated.device)
             rotary_emb(positions, rotated, None)  # rotate once from raw, in place, same kernel as the model
@@ -110,6 +117,22 @@ class StepRequests:
             if kind == RequestKind.CLIP:
                 start, stop = a.memory.scored_context_range()
                 a.scored_context_k[layer] = rotated[start:stop]
+
+    def _retrieve(self, a: _Active, layer: int, attn, q: torch.Tensor) -> torch.Tensor | None:
+        """PaR for one question and layer: the long-term token indices to place (None: all of them)."""
+        assert a.memory is not None
+        layout = a.memory.page_layout
+        if layout.reads_everything:
+            a.retrieved[layer] = list(range(layout.num_pages))
+            return None
+        start = time.perf_counter()
+        query = retrieval.average_query(q[a.rows].reshape(-1, attn.num_heads, attn.head_size), attn.num_kv_heads)
+        scores = _sum_over_ranks(retrieval.page_scores(query, a.memory.ltm_summary[layer]))
+        pages = retrieval.top_pages(scores, layout.full_pages_read)
+        a.retrieved[layer] = pages.tolist() + ([layout.num_full_pages] if layout.tail_tokens else [])
+        index = retrieval.token_index(pages, layout)
+        a.retrieval_seconds += time.perf_counter() - start
+        return index
 
     def after_rotary(self, layer: int, attn, q: torch.Tensor, k: torch.Tensor) -> None:
         """Vision-to-vision scores of a clip: its last vision queries against all cached vision keys."""
@@ -129,7 +152,14 @@ class StepRequests:
         committed = []
         for a in self.active:
             params = a.slots.params
-            if params.kind == RequestKind.QUESTION or not a.captured_k:
+            if params.kind == RequestKind.QUESTION:
+                if a.retrieved:
+                    assert a.memory is not None
+                    self.store.record_retrieval(params.request_id, {
+                        "pages": {layer: a.memory.page_frames(layer, pages) for layer, pages in a.retrieved.items()},
+                        "page_indices": dict(a.retrieved), "seconds": a.retrieval_seconds})
+                continue
+            if not a.captured_k:
                 continue
             layers = sorted(a.captured_k)
             k = torch.stack([a.captured_k[i] for i in layers])
@@ -143,7 +173,8 @@ class StepRequests:
                 per_frame = (num_tokens - 1) // params.num_frames  # one newline token closes a video
                 offsets = torch.clamp(torch.arange(num_tokens, device=k.device) // per_frame, max=params.num_frames - 1)
                 scores = torch.stack([a.scores[i] for i in layers])
-                memory = a.memory.commit_clip(ClipKV(k, v, params.frame_start + offsets, scores))
+                memory = a.memory.commit_clip(ClipKV(k, v, params.frame_start + offsets, scores),
+                                              _sum_over_ranks)
             self.store.commit(params.stream_id, memory)
             committed.append(params.stream_id)
         return committed
@@ -169,6 +200,13 @@ def vision_scores(clip_q: torch.Tensor, clip_k: torch.Tensor, context_k: torch.T
     logits[:, :, n_context:].masked_fill_(future, float("-inf"))
     probs = logits.softmax(dim=-1).mean(dim=1)                    # [Hq, n]
     return probs.view(kv_heads, num_heads // kv_heads, -1).mean(dim=1).transpose(0, 1).contiguous()
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum a score over tensor-parallel ranks (each holds some KV heads) so every rank decides alike."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(x) if get_tensor_model_parallel_world_size() > 1 else x
 
 
 def _any_slot_mapping(forward_context: "ForwardContext") -> torch.Tensor:

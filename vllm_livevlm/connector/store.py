@@ -8,6 +8,7 @@ as soon as nothing pins them. Closing a stream drops all of its versions.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import RequestKind
 from vllm_livevlm.memory.stream import StreamMemory
+
+
+MAX_UNCLAIMED_REPORTS = 1024
 
 
 class StreamNotFound(KeyError):
@@ -26,6 +30,8 @@ class _Stream:
     config: LiveVLMConfig
     versions: dict[int, StreamMemory] = field(default_factory=dict)
     pins: dict[str, int] = field(default_factory=dict)  # request id -> version
+    retrievals: int = 0
+    retrieval_seconds: float = 0.0
     last_use: float = field(default_factory=time.time)
 
     @property
@@ -43,6 +49,8 @@ class SessionStore:
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._req_stream: dict[str, str] = {}
+        # Retrieval reports wait for the front end to fetch them; bounded in case one never does.
+        self._retrieval_reports: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -85,6 +93,21 @@ class SessionStore:
             raise ValueError(f"stream {stream_id!r} has no version {version} (not pinned?)")
         return stream.versions[version]
 
+    def record_retrieval(self, req_id: str, report: dict[str, Any]) -> None:
+        """Keep a question's retrieval report (pages per layer) until its request is released."""
+        with self._lock:
+            self._retrieval_reports[req_id] = report
+            while len(self._retrieval_reports) > MAX_UNCLAIMED_REPORTS:
+                self._retrieval_reports.popitem(last=False)
+            stream = self._streams.get(self._req_stream.get(req_id, ""))
+            if stream is not None:
+                stream.retrievals += 1
+                stream.retrieval_seconds += report["seconds"]
+
+    def take_retrieval_reports(self, req_ids: list[str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {r: self._retrieval_reports.pop(r) for r in req_ids if r in self._retrieval_reports}
+
     def release(self, req_ids: list[str]) -> set[str]:
         """Unpin finished (or abandoned) requests; returns the streams touched."""
         touched = set()
@@ -119,6 +142,9 @@ class SessionStore:
         stats = latest.stats() if latest is not None else {"version": 0, "bytes": 0}
         stats["bytes_all_versions"] = sum(m.nbytes for m in stream.versions.values())
         stats["last_use"] = stream.last_use
+        stats["retrievals"] = stream.retrievals
+        stats["retrieval_seconds_total"] = stream.retrieval_seconds
+        stats["retrieval_ms_mean"] = 1000 * stream.retrieval_seconds / stream.retrievals if stream.retrievals else 0.0
         return stats
 
     def total_bytes(self) -> int:

@@ -13,12 +13,20 @@ LTM token ids and frames are [L, H, n] (per KV head: with per-layer selection al
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.memory.retrieval import PageLayout, page_summaries
 from vllm_livevlm.memory.vsb import VisionSinkBucketing
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class StreamMemory:
     ltm_score: torch.Tensor  # [L, n, H]
     ltm_ids: torch.Tensor    # [L, H, n] stream token id of each kept token
     ltm_frames: torch.Tensor  # [L, H, n]
+    ltm_summary: torch.Tensor  # [L, full pages, H, D] float32 page summary keys (mean raw key)
     stm_k: torch.Tensor      # [L, m, H, D]
     stm_v: torch.Tensor
     stm_score: torch.Tensor  # [L, m, H]
@@ -60,7 +69,8 @@ class StreamMemory:
         empty_score = torch.zeros((layers, 0, heads), dtype=torch.float32, device=k.device)
         empty_ids = torch.zeros((layers, heads, 0), dtype=torch.long, device=k.device)
         empty_1d = torch.zeros((0,), dtype=torch.long, device=k.device)
-        return cls(config, 1, k, v, empty_kv, empty_kv, empty_score, empty_ids, empty_ids,
+        empty_summary = torch.zeros((layers, 0, heads, dim), dtype=torch.float32, device=k.device)
+        return cls(config, 1, k, v, empty_kv, empty_kv, empty_score, empty_ids, empty_ids, empty_summary,
                    empty_kv, empty_kv, empty_score, empty_1d, empty_1d)
 
     # ---- sizes --------------------------------------------------------------------------------------
@@ -83,15 +93,19 @@ class StreamMemory:
         return self.num_sinks + ltm + self.num_stm
 
     @property
+    def page_layout(self) -> PageLayout:
+        return PageLayout(self.num_ltm, self.config.page_tokens, self.config.retrieve_ratio)
+
+    @property
     def question_context_tokens(self) -> int:
-        """Tokens placed before a question: sinks + all long-term pages + short-term memory."""
-        return self.num_sinks + self.num_ltm + self.num_stm
+        """Tokens placed before a question: sinks + retrieved long-term pages + short-term memory."""
+        return self.num_sinks + self.page_layout.tokens_read + self.num_stm
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.sinks_k, self.sinks_v, self.ltm_k, self.ltm_v, self.ltm_score, self.ltm_ids, self.ltm_frames,
-            self.stm_k, self.stm_v, self.stm_score, self.stm_ids, self.stm_frames))
+            self.ltm_summary, self.stm_k, self.stm_v, self.stm_score, self.stm_ids, self.stm_frames))
 
     # ---- what a request's context slots receive ---------------------------------------------------------
     def clip_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,10 +116,22 @@ class StreamMemory:
         parts.append((self.stm_k, self.stm_v))
         return (torch.cat([k[layer] for k, _ in parts]), torch.cat([v[layer] for _, v in parts]))
 
-    def question_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = torch.cat([self.sinks_k[layer], self.ltm_k[layer], self.stm_k[layer]])
-        v = torch.cat([self.sinks_v[layer], self.ltm_v[layer], self.stm_v[layer]])
+    def question_context(self, layer: int, ltm_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw keys and values of a question's context: sinks, the long-term tokens `ltm_index` (all when
+        None), short-term memory."""
+        ltm_k, ltm_v = self.ltm_k[layer], self.ltm_v[layer]
+        if ltm_index is not None:
+            ltm_k, ltm_v = ltm_k[ltm_index], ltm_v[ltm_index]
+        k = torch.cat([self.sinks_k[layer], ltm_k, self.stm_k[layer]])
+        v = torch.cat([self.sinks_v[layer], ltm_v, self.stm_v[layer]])
         return k, v
+
+    def page_frames(self, layer: int, pages: list[int]) -> list[tuple[int, int]]:
+        """First and last stream frame of each long-term page of a layer (over all KV heads)."""
+        frames = self.ltm_frames[layer]
+        size = self.config.page_tokens
+        return [(int(frames[:, p * size:(p + 1) * size].min()), int(frames[:, p * size:(p + 1) * size].max()))
+                for p in pages]
 
     def scored_context_range(self) -> tuple[int, int]:
         """Slot range of the context vision tokens that a clip's queries score (LTM and/or STM)."""
@@ -113,8 +139,11 @@ class StreamMemory:
         return start, self.clip_context_tokens
 
     # ---- ingestion ---------------------------------------------------------------------------------------
-    def commit_clip(self, clip: ClipKV) -> "StreamMemory":
-        """Add a clip: refresh scores, roll old frames from STM to LTM, compress LTM with VSB."""
+    def commit_clip(self, clip: ClipKV, reduce: Reduce = _local) -> "StreamMemory":
+        """Add a clip: refresh scores, roll old frames from STM to LTM, compress LTM with VSB.
+
+        `reduce` sums a per-token score over tensor-parallel ranks (each holds some KV heads), so that
+        every rank keeps the same tokens."""
         cfg = self.config
         n_ltm, n_stm, n_clip = self.num_ltm, self.num_stm, clip.k.shape[1]
         scored = clip.scores
@@ -143,10 +172,12 @@ class StreamMemory:
                    torch.cat([self.ltm_frames, moved_frames], 2))
         if cfg.long_term_budget_tokens is not None and ltm.k.shape[1] > cfg.long_term_budget_tokens:
             ltm = ltm.compress(VisionSinkBucketing(cfg.long_term_budget_tokens, cfg.bucket_capacity,
-                                                   cfg.score_keep_tokens), cfg.per_head_selection)
+                                                   cfg.score_keep_tokens), cfg.per_head_selection, reduce)
+        summary = torch.stack([page_summaries(ltm.k[layer], cfg.page_tokens) for layer in range(layers)])
         return replace(
             self, version=self.version + 1,
             ltm_k=ltm.k, ltm_v=ltm.v, ltm_score=ltm.score, ltm_ids=ltm.ids, ltm_frames=ltm.frames,
+            ltm_summary=summary,
             stm_k=k[:, moved:], stm_v=v[:, moved:], stm_score=score[:, moved:], stm_ids=ids[moved:],
             stm_frames=frames[moved:], frames_seen=frames_seen, clips=self.clips + 1,
             tokens_seen=self.tokens_seen + n_clip, ltm_candidates=self.ltm_candidates + moved)
@@ -173,12 +204,14 @@ class _Ltm:
     ids: torch.Tensor
     frames: torch.Tensor
 
-    def compress(self, vsb: VisionSinkBucketing, per_head: bool) -> "_Ltm":
+    def compress(self, vsb: VisionSinkBucketing, per_head: bool, reduce: Reduce) -> "_Ltm":
         layers, _, heads, dim = self.k.shape
         if per_head:
             keep = torch.stack([vsb.select_per_head(self.score[layer]) for layer in range(layers)])  # [L, H, M]
         else:
-            keep = torch.stack([vsb.select(self.score[layer].mean(dim=1)) for layer in range(layers)])
+            # Summed over KV heads (all ranks): same order as the mean over the layer's heads.
+            head_sum = reduce(self.score.sum(dim=2))
+            keep = torch.stack([vsb.select(head_sum[layer]) for layer in range(layers)])
             keep = keep.unsqueeze(1).expand(layers, heads, -1)
         token_index = keep.transpose(1, 2)  # [L, M, H]
         kv_index = token_index.unsqueeze(-1).expand(-1, -1, -1, dim)

@@ -43,7 +43,7 @@ class LiveVLMQwen2Attention(Qwen2Attention):
             return super().forward(positions, hidden_states)
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        step.before_attention(self.layer_index, self.attn, self.rotary_emb, k, v)
+        step.before_attention(self.layer_index, self.attn, self.rotary_emb, q, k, v)
         q, k = self.rotary_emb(positions, q, k)
         step.after_rotary(self.layer_index, self.attn, q, k)
         attn_output = self.attn(q, k, v)
