@@ -207,3 +207,16 @@ def test_bad_input_fails_clearly_and_other_streams_keep_working(lv):
     good.append(_video(2, 4))
     assert len(good.ask(QUESTION, _greedy(4)).token_ids) == 4
     good.close()
+
+
+def test_history_turns_precede_the_question_and_never_enter_video_memory(lv):
+    stream = lv.open_stream({"clip_frames": 4, "history_turns": 1})
+    stream.append(_video(4, 4))
+    kept = stream.stats()["tokens_kept"]
+    first = stream.ask("what?", _greedy(4))
+    second = stream.ask("and then?", _greedy(4))
+    turn = (f"what?<|im_end|>\n<|im_start|>assistant\n{first.text}<|im_end|>\n<|im_start|>user\n"
+            "and then?<|im_end|>\n<|im_start|>assistant\n")
+    assert second.prompt_tokens_computed == len(lv.tokenizer.encode(turn, add_special_tokens=False))
+    assert stream.stats()["tokens_kept"] == kept
+    stream.close()

@@ -36,6 +36,7 @@ T = TypeVar("T")
 ARCHITECTURE = "LiveVLMLlavaOnevisionForConditionalGeneration"
 USER_TURN = "<|im_start|>user\n"
 QUESTION_TURN = "{question}<|im_end|>\n<|im_start|>assistant\n"
+HISTORY_TURN = "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n"
 
 
 class StreamClosed(RuntimeError):
@@ -214,6 +215,7 @@ class Stream:
         self.clips_encoded = 0
         self.closed = False
         self._pending: list[np.ndarray] = []
+        self._history: list[tuple[str, str]] = []  # earlier (question, answer) turns, text only
         self._frame_shape: tuple[int, ...] | None = None
         self._clip_lock: asyncio.Lock | None = None  # created on the engine loop
 
@@ -358,7 +360,10 @@ class Stream:
         snapshot = await owner._rpc("livevlm_prepare", self.id, RequestKind.QUESTION.value, req_id)
         frames_covered = self.frames_encoded
         params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"])
-        question_tokens = owner.tokenizer.encode(QUESTION_TURN.format(question=question), add_special_tokens=False)
+        history = self._history[-self.config.history_turns:] if self.config.history_turns else []
+        turn = "".join(HISTORY_TURN.format(question=q, answer=a) for q, a in history)
+        turn += QUESTION_TURN.format(question=question)
+        question_tokens = owner.tokenizer.encode(turn, add_special_tokens=False)
         prompt = {"prompt_token_ids": [owner.placeholder_token_id] * params.context_tokens + question_tokens}
         first_token_at: float | None = None
         sent = 0
@@ -375,6 +380,8 @@ class Stream:
         output, report = await owner._submit(prompt, sampling, req_id, params, on_output)
         end = time.perf_counter()
         completion = output.outputs[0]
+        if self.config.history_turns:
+            self._history = (self._history + [(question, completion.text)])[-self.config.history_turns:]
         return Answer(
             text=completion.text, token_ids=list(completion.token_ids), frames_covered=frames_covered,
             prompt_tokens=len(output.prompt_token_ids),
