@@ -40,7 +40,7 @@ def _direct_scores(clip_q, clip_k, context_k, num_queries, scale):
 def llm(tiny_model_dir):
     from vllm import LLM
 
-    from vllm_livevlm.api import engine_args_for
+    from vllm_livevlm.streams import engine_args_for
 
     return LLM(**engine_args_for(tiny_model_dir, LiveVLMConfig(clip_frames=2), 196, dtype="float32",
                                  max_model_len=8192, seed=0))

@@ -85,7 +85,7 @@ class SessionStore:
             self._req_stream[req_id] = stream_id
             stream.last_use = time.time()
             tokens = memory.clip_context_tokens if kind == RequestKind.CLIP else memory.question_context_tokens
-            return {"version": memory.version, "context_tokens": tokens}
+            return {"version": memory.version, "context_tokens": tokens, "frames": memory.frames_seen}
 
     def snapshot(self, stream_id: str, version: int) -> StreamMemory:
         stream = self._get(stream_id)

@@ -1,0 +1,317 @@
+"""The asynchronous core shared by the Python API and the HTTP server: LiveVLM streams on one vLLM engine.
+
+`StreamEngine` wraps any vLLM `EngineClient` (an `AsyncLLM`) started with the LiveVLM settings
+(`engine_args_for`); `LiveStream` is one live video on it. Every clip and question is an ordinary vLLM
+request tagged with its stream in `kv_transfer_params`, so vLLM batches several streams. All methods run
+on the event loop that owns the engine client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
+from vllm_livevlm.frames import to_frame_array
+
+ARCHITECTURE = "LiveVLMLlavaOnevisionForConditionalGeneration"
+USER_TURN = "<|im_start|>user\n"
+QUESTION_TURN = "{question}<|im_end|>\n<|im_start|>assistant\n"
+HISTORY_TURN = "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n"
+
+
+class StreamClosed(RuntimeError):
+    """The stream was closed (or never opened); it accepts no frames and answers no questions."""
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    frames_covered: int         # frames in memory when the question was answered
+    prompt_tokens: int          # tokens in the request (placeholders + question turn)
+    prompt_tokens_computed: int  # tokens actually prefilled (the question turn)
+    finish_reason: str | None = None
+    # Per layer, the (first frame, last frame) of each long-term page the question read, in order.
+    retrieved_pages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    retrieved_page_indices: dict[int, list[int]] = field(default_factory=dict)  # page numbers, same order
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: flush, ttft, total, retrieval
+
+
+@dataclass
+class ClipResult:
+    frames: int
+    prompt_tokens_computed: int
+    seconds: float
+
+
+def engine_args_for(model: str, config: LiveVLMConfig, tokens_per_frame: int, **overrides: Any) -> dict[str, Any]:
+    """Engine arguments a LiveVLM engine needs (callers may override any of them)."""
+    clip_tokens = config.clip_frames * tokens_per_frame + 1
+    args: dict[str, Any] = {
+        "model": model,
+        "hf_overrides": {"architectures": [ARCHITECTURE]},
+        "kv_transfer_config": {"kv_connector": "LiveVLMConnector", "kv_role": "kv_both",
+                               "kv_connector_module_path": "vllm_livevlm.connector"},
+        "worker_extension_cls": "vllm_livevlm.worker.LiveVLMWorkerExtension",
+        # Placeholder prefixes are identical across streams: prefix caching would serve wrong KV.
+        "enable_prefix_caching": False,
+        # Scoring and slot filling are Python inside the attention layers.
+        "enforce_eager": True,
+        # A clip must be prefilled in one step (its vision-to-vision scores need all of its queries).
+        "max_num_batched_tokens": max(clip_tokens + 512, 8192),
+        "disable_chunked_mm_input": True,
+        "limit_mm_per_prompt": {"video": 1, "image": 0},
+    }
+    args.update(overrides)
+    return args
+
+
+def tokens_per_frame_of(model: str) -> int:
+    """LLaVA-OneVision video tokens per frame: the patch grid pooled 2x2 (196 at 384 px / patch 14)."""
+    from transformers import AutoConfig
+
+    vision = AutoConfig.from_pretrained(model).vision_config
+    grid = vision.image_size // vision.patch_size
+    return math.ceil(grid / 2) ** 2
+
+
+class StreamEngine:
+    """LiveVLM streams on one vLLM engine client."""
+
+    def __init__(self, engine: Any, config: LiveVLMConfig, model: str, max_num_batched_tokens: int):
+        self.engine = engine
+        self.config = config
+        self.tokens_per_frame = tokens_per_frame_of(model)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.tokenizer = engine.get_tokenizer()
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids("<video>")
+        self.placeholder_token_id = (self.tokenizer.pad_token_id
+                                     or self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        self.streams: dict[str, LiveStream] = {}
+
+    def resolve_config(self, overrides: LiveVLMConfig | dict | str | None) -> LiveVLMConfig:
+        """The engine's config with a stream's overrides applied, checked against what the engine can run."""
+        config = LiveVLMConfig.coerce(overrides, self.config)
+        clip_tokens = config.clip_frames * self.tokens_per_frame + 1
+        if clip_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"clip_frames={config.clip_frames} needs {clip_tokens} tokens per clip but the "
+                             f"engine batches at most {self.max_num_batched_tokens}: lower clip_frames or start "
+                             "the engine with a larger max_num_batched_tokens")
+        return config
+
+    async def open_stream(self, config: LiveVLMConfig | dict | str | None = None,
+                          system_prompt: str | None = None, stream_id: str | None = None) -> "LiveStream":
+        """Open a stream (config overrides on the engine's config) and encode its sinks."""
+        stream = LiveStream(self, stream_id or uuid.uuid4().hex, self.resolve_config(config), system_prompt)
+        await stream._open()
+        self.streams[stream.id] = stream
+        return stream
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """Store bytes across streams and (single-process engines) the paged pool's free blocks."""
+        return await self.rpc("livevlm_engine_stats")
+
+    async def close_all(self) -> None:
+        for stream in list(self.streams.values()):
+            await stream.close()
+
+    async def rpc(self, method: str, *args: Any) -> Any:
+        return (await self.engine.collective_rpc(method, args=args))[0]
+
+    async def submit(self, prompt: dict, sampling_params: Any, request_id: str, params: LiveVLMParams,
+                     on_output: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Run one LiveVLM request to completion; returns its final output and its retrieval report.
+
+        The snapshot pin is released here as soon as the request ends (the connector also releases it
+        when the engine finishes the request, but only with the engine's next step)."""
+        params = dataclasses.replace(params, request_id=request_id)
+        extra = dict(sampling_params.extra_args or {})
+        extra["kv_transfer_params"] = params.to_kv_transfer_params()
+        sampling_params.extra_args = extra
+        output = None
+        report: dict[str, Any] = {}
+        try:
+            async for output in self.engine.generate(prompt, sampling_params, request_id=request_id):
+                if on_output is not None:
+                    on_output(output)
+        finally:
+            if params.kind != RequestKind.SINKS:
+                report = (await self.rpc("livevlm_release", [request_id])).get(request_id, {})
+        assert output is not None
+        return output, report
+
+
+class LiveStream:
+    """One live video on a `StreamEngine`: frames in, answers out."""
+
+    def __init__(self, engine: StreamEngine, stream_id: str, config: LiveVLMConfig, system_prompt: str | None):
+        self.engine = engine
+        self.id = stream_id
+        self.config = config
+        self.system_prompt = system_prompt
+        self.created = time.time()
+        self.frames_received = 0
+        self.frames_encoded = 0
+        self.clips_encoded = 0
+        self.closed = False
+        self._pending: list[np.ndarray] = []
+        self._frame_shape: tuple[int, ...] | None = None
+        self._history: list[tuple[str, str]] = []  # earlier (question, answer) turns, text only
+        self._clip_lock = asyncio.Lock()
+
+    # ---- frames --------------------------------------------------------------------------------------
+    def accept(self, frames: Any, timestamps: Any = None) -> int:
+        """Validate frames and buffer them; returns how many were accepted. Encoding is `encode_ready`."""
+        self.check_open()
+        batch = to_frame_array(frames)
+        if timestamps is not None and len(timestamps) != batch.shape[0]:
+            raise ValueError(f"got {batch.shape[0]} frames but {len(timestamps)} timestamps")
+        if self._frame_shape is None:
+            self._frame_shape = batch.shape[1:]
+        elif batch.shape[1:] != self._frame_shape:
+            raise ValueError(f"frames of this stream are {list(self._frame_shape)}, got {list(batch.shape[1:])}")
+        self._pending.extend(batch)
+        self.frames_received += batch.shape[0]
+        return batch.shape[0]
+
+    async def encode_ready(self) -> list[ClipResult]:
+        """Encode every complete clip among the buffered frames, in order."""
+        results = []
+        while len(self._pending) >= self.config.clip_frames and not self.closed:
+            results.append(await self._encode_clip(self.config.clip_frames))
+        return results
+
+    async def append(self, frames: Any, timestamps: Any = None) -> list[ClipResult]:
+        """Buffer frames and return once every complete clip is encoded."""
+        self.accept(frames, timestamps)
+        return await self.encode_ready()
+
+    @property
+    def pending_frames(self) -> int:
+        return len(self._pending)
+
+    # ---- questions -------------------------------------------------------------------------------------
+    async def ask(self, question: str, sampling_params: Any = None,
+                  on_delta: Callable[[str], None] | None = None) -> Answer:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        self.check_open()
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question must be a non-empty string")
+        start = time.perf_counter()
+        if self.config.flush_on_question and self._pending and not self._clip_lock.locked():
+            # Idle stream: encode the partial clip so the answer covers every frame received. With a
+            # backlog being encoded the question does not wait; it answers from what is encoded.
+            await self._encode_clip(len(self._pending))
+        flushed = time.perf_counter()
+        sampling = (sampling_params.clone() if sampling_params is not None
+                    else SamplingParams(max_tokens=64, temperature=0.0))
+        sampling.output_kind = RequestOutputKind.CUMULATIVE
+        req_id = f"lv-question-{self.id}-{uuid.uuid4().hex[:12]}"
+        snapshot = await self.engine.rpc("livevlm_prepare", self.id, RequestKind.QUESTION.value, req_id)
+        frames_covered = snapshot["frames"]
+        params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"])
+        history = self._history[-self.config.history_turns:] if self.config.history_turns else []
+        turn = "".join(HISTORY_TURN.format(question=q, answer=a) for q, a in history)
+        turn += QUESTION_TURN.format(question=question)
+        question_tokens = self.engine.tokenizer.encode(turn, add_special_tokens=False)
+        prompt = {"prompt_token_ids": [self.engine.placeholder_token_id] * params.context_tokens + question_tokens}
+        first_token_at: float | None = None
+        sent = 0
+
+        def on_output(output: Any) -> None:
+            nonlocal first_token_at, sent
+            completion = output.outputs[0]
+            if first_token_at is None and completion.token_ids:
+                first_token_at = time.perf_counter()
+            if on_delta is not None and len(completion.text) > sent:
+                on_delta(completion.text[sent:])
+                sent = len(completion.text)
+
+        output, report = await self.engine.submit(prompt, sampling, req_id, params, on_output)
+        end = time.perf_counter()
+        completion = output.outputs[0]
+        if self.config.history_turns:
+            self._history = (self._history + [(question, completion.text)])[-self.config.history_turns:]
+        return Answer(
+            text=completion.text, token_ids=list(completion.token_ids), frames_covered=frames_covered,
+            prompt_tokens=len(output.prompt_token_ids),
+            prompt_tokens_computed=len(output.prompt_token_ids) - (output.num_cached_tokens or 0),
+            finish_reason=completion.finish_reason,
+            retrieved_pages={int(layer): [tuple(r) for r in ranges] for layer, ranges in report.get("pages", {}).items()},
+            retrieved_page_indices={int(layer): list(p) for layer, p in report.get("page_indices", {}).items()},
+            timings={"flush": flushed - start, "ttft": (first_token_at or end) - flushed, "total": end - start,
+                     "retrieval": report.get("seconds", 0.0)})
+
+    # ---- state --------------------------------------------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        self.check_open()
+        stats = await self.engine.rpc("livevlm_stats", self.id)
+        stats.update(pending_frames=len(self._pending), frames_received=self.frames_received)
+        return stats
+
+    async def kept_tokens(self) -> dict[str, Any]:
+        """Which stream tokens the memory holds: `long_term[layer][kv_head]` and `short_term` token ids
+        (clip tokens numbered from 0 in arrival order, one newline token closing each clip)."""
+        self.check_open()
+        return await self.engine.rpc("livevlm_kept_tokens", self.id)
+
+    async def close(self) -> int:
+        """Free the stream's memory; returns the bytes freed. Closing twice is harmless."""
+        if self.closed:
+            return 0
+        self.closed = True
+        self._pending.clear()
+        self.engine.streams.pop(self.id, None)
+        return await self.engine.rpc("livevlm_close_stream", self.id)
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise StreamClosed(f"stream {self.id} is closed")
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    async def _open(self) -> None:
+        await self.engine.rpc("livevlm_open_stream", self.id, self.config.to_dict())
+        prefix = (f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else "") + USER_TURN
+        tokens = self.engine.tokenizer.encode(prefix, add_special_tokens=False)
+        await self.engine.submit({"prompt_token_ids": tokens}, _one_token(), f"lv-sinks-{self.id}",
+                                 LiveVLMParams(self.id, RequestKind.SINKS))
+
+    async def _encode_clip(self, num_frames: int) -> ClipResult:
+        async with self._clip_lock:
+            if self.closed:
+                raise StreamClosed(f"stream {self.id} was closed while encoding")
+            num_frames = min(num_frames, len(self._pending))
+            frames = np.stack(self._pending[:num_frames])
+            del self._pending[:num_frames]
+            start = time.perf_counter()
+            engine = self.engine
+            req_id = f"lv-clip-{self.id}-{self.clips_encoded}-{uuid.uuid4().hex[:8]}"
+            snapshot = await engine.rpc("livevlm_prepare", self.id, RequestKind.CLIP.value, req_id)
+            params = LiveVLMParams(self.id, RequestKind.CLIP, snapshot["version"], snapshot["context_tokens"],
+                                   self.frames_encoded, num_frames)
+            prompt = {"prompt_token_ids": [engine.placeholder_token_id] * params.context_tokens + [engine.video_token_id],
+                      "multi_modal_data": {"video": frames},
+                      "multi_modal_uuids": {"video": [req_id]}}
+            output, _ = await engine.submit(prompt, _one_token(), req_id, params)
+            self.frames_encoded += num_frames
+            self.clips_encoded += 1
+            computed = len(output.prompt_token_ids) - (output.num_cached_tokens or 0)
+            return ClipResult(num_frames, computed, time.perf_counter() - start)
+
+
+def _one_token() -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0)
