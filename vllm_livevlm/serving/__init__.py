@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server side of vllm-livevlm: stream routes and chat completions from streams."""
