@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TARGET ?= auto
 PYTEST_ARGS ?=
 
-.PHONY: install test test-quick clean
+.PHONY: install test test-quick clean demo
 
 install:
 	TARGET=$(TARGET) VENV=$(abspath $(VENV)) bash scripts/install.sh
@@ -17,3 +17,6 @@ test-quick:
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench_results
+
+demo:
+	$(VENV)/bin/vllm-livevlm demo
