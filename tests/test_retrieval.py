@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from reference.livevlm_reference import ReferenceLiveVLM
-from vllm_livevlm import LiveVLM
+from helpers import QUESTION, greedy, live_engine
 
 pytestmark = pytest.mark.slow
 
-QUESTION = "what is happening in the video?"
 # The paper's defaults except the sizes a tiny model and 48 frames need for compression and retrieval to
 # really select: a 1024-token long-term budget, 8-frame clips, and (the acceptance's) small pages.
 CONFIG = {"clip_frames": 8, "short_term_frames": 2, "encode_context": "all", "score_queries": 196,
@@ -19,17 +18,9 @@ CONFIG = {"clip_frames": 8, "short_term_frames": 2, "encode_context": "all", "sc
           "retrieve_ratio": 0.4}
 
 
-def _greedy(n: int):
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-
 @pytest.fixture(scope="module")
 def lv(tiny_model_dir):
-    engine = LiveVLM(tiny_model_dir, CONFIG, dtype="float32", max_model_len=16384)
-    yield engine
-    engine.shutdown()
+    yield from live_engine(tiny_model_dir, CONFIG)
 
 
 def _reference_run(model_dir: str, config: dict, video: np.ndarray, tokens: int) -> ReferenceLiveVLM:
@@ -47,7 +38,7 @@ def test_plugin_agrees_with_reference(lv, tiny_model_dir, seed):
     ref = _reference_run(tiny_model_dir, CONFIG, video, 16)
     stream = lv.open_stream()
     stream.append(video)
-    answer = stream.ask(QUESTION, _greedy(16))
+    answer = stream.ask(QUESTION, greedy(16))
     kept = stream.kept_tokens()["long_term"]
     layers = len(ref.kept_ids())
     assert len(ref.kept_ids()[0]) == 1024  # VSB really compressed (48 frames ≈ 9.4k tokens)
@@ -71,7 +62,7 @@ def test_retrieve_ratio_one_reads_every_page_like_the_previous_issue(lv, tiny_mo
     ref = _reference_run(tiny_model_dir, config, video, 16)
     stream = lv.open_stream({"retrieve_ratio": 1.0})
     stream.append(video)
-    answer = stream.ask(QUESTION, _greedy(16))
+    answer = stream.ask(QUESTION, greedy(16))
     stats = stream.stats()
     assert all(pages == list(range(stats["pages"])) for pages in answer.retrieved_page_indices.values())
     assert answer.prompt_tokens - answer.prompt_tokens_computed == stats["tokens_kept"]
@@ -86,7 +77,7 @@ def test_question_cost_is_flat_once_long_term_memory_is_full(lv):
     for frames in range(100, 1001, 100):
         stream.append(rng.integers(0, 256, size=(100, 16, 16, 3), dtype=np.uint8))
         if frames in (200, 1000):
-            answer = stream.ask(QUESTION, _greedy(2))
+            answer = stream.ask(QUESTION, greedy(2))
             placed[frames] = (answer.prompt_tokens, answer.prompt_tokens_computed)
     assert stream.stats()["long_term_tokens"] == 512
     assert placed[200] == placed[1000]

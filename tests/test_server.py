@@ -138,6 +138,9 @@ def test_stream_lifecycle_over_http(server, client, tiny_model_dir, tmp_path):
     assert (stats["frames"], stats["clips"], stats["pending_frames"]) == (64, 16, 0)
     assert stats["long_term_tokens"] <= 1024 and stats["retrievals"] == 3
     assert stream_id in [s["id"] for s in requests.get(f"{server}/v1/video/streams").json()["data"]]
+    paths = requests.get(f"{server}/openapi.json").json()["paths"]
+    assert {"/v1/video/streams", "/v1/video/streams/{stream_id}", "/v1/video/streams/{stream_id}/frames"} <= set(paths)
+    assert "multipart/form-data" in paths["/v1/video/streams/{stream_id}/frames"]["post"]["requestBody"]["content"]
     deleted = requests.delete(f"{server}/v1/video/streams/{stream_id}")
     assert deleted.status_code == 200 and deleted.json()["bytes_freed"] == stats["bytes"]
     assert requests.get(f"{server}/v1/video/streams/{stream_id}").status_code == 404

@@ -8,31 +8,19 @@ import asyncio
 import numpy as np
 import pytest
 
-from vllm_livevlm import LiveVLM, LiveVLMConfigError, StreamClosed
+from helpers import QUESTION, greedy, live_engine, random_video
+from vllm_livevlm import LiveVLMConfigError, StreamClosed
 from vllm_livevlm.frames import FrameError
 
 pytestmark = pytest.mark.slow
 
 LOSSLESS = {"long_term_budget_tokens": None, "retrieve_ratio": 1.0, "encode_context": "all"}
-QUESTION = "what is happening in the video?"
 TOKENS_PER_FRAME = 196
-
-
-def _video(seed: int, frames: int, size: int = 48) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(frames, size, size, 3), dtype=np.uint8)
-
-
-def _greedy(n: int = 32):
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def lv(tiny_model_dir):
-    engine = LiveVLM(tiny_model_dir, LOSSLESS, dtype="float32", max_model_len=16384)
-    yield engine
-    engine.shutdown()
+    yield from live_engine(tiny_model_dir, LOSSLESS)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +46,16 @@ def _vanilla_answer(vanilla, tokenizer, clips: list[np.ndarray], question: str) 
     turn = tokenizer.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     video = tokenizer.convert_tokens_to_ids("<video>")
     prompt = {"prompt_token_ids": sink + [video] * len(clips) + turn, "multi_modal_data": {"video": clips}}
-    return list(vanilla.generate(prompt, _greedy())[0].outputs[0].token_ids)
+    return list(vanilla.generate(prompt, greedy())[0].outputs[0].token_ids)
 
 
 @pytest.mark.parametrize("clip_frames", [2, 4])
 def test_lossless_answers_equal_vanilla_vllm(lv, vanilla, clip_frames):
     for seed in range(3):
-        video = _video(seed, 12)
+        video = random_video(seed, 12)
         stream = lv.open_stream({"clip_frames": clip_frames})
         stream.append(video)
-        answer = stream.ask(QUESTION, _greedy())
+        answer = stream.ask(QUESTION, greedy())
         clips = [video[i:i + clip_frames] for i in range(0, len(video), clip_frames)]
         assert answer.token_ids == _vanilla_answer(vanilla, lv.tokenizer, clips, QUESTION), f"seed {seed}"
         assert answer.frames_covered == 12
@@ -75,11 +63,11 @@ def test_lossless_answers_equal_vanilla_vllm(lv, vanilla, clip_frames):
 
 
 def test_pending_frames_are_flushed_as_a_short_clip(lv, vanilla):
-    video = _video(7, 10)
+    video = random_video(7, 10)
     stream = lv.open_stream({"clip_frames": 4})
     stream.append(video)  # two clips of 4, 2 frames pending
     assert stream.stats()["pending_frames"] == 2
-    answer = stream.ask(QUESTION, _greedy())
+    answer = stream.ask(QUESTION, greedy())
     assert answer.frames_covered == 10
     clips = [video[0:4], video[4:8], video[8:10]]
     assert answer.token_ids == _vanilla_answer(vanilla, lv.tokenizer, clips, QUESTION)
@@ -88,13 +76,13 @@ def test_pending_frames_are_flushed_as_a_short_clip(lv, vanilla):
 
 def test_one_prefill_per_clip_and_questions_prefill_only_their_turn(lv):
     stream = lv.open_stream({"clip_frames": 4})
-    results = stream.append(_video(3, 16))
+    results = stream.append(random_video(3, 16))
     # vLLM's own counters: prompt tokens minus the tokens it reports as already computed.
     assert [r.prompt_tokens_computed for r in results] == [4 * TOKENS_PER_FRAME + 1] * 4
     assert sum(r.prompt_tokens_computed for r in results) == 16 * TOKENS_PER_FRAME + 4  # + one newline per clip
     turn = lv.tokenizer.encode(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     for _ in range(2):
-        answer = stream.ask(QUESTION, _greedy(4))
+        answer = stream.ask(QUESTION, greedy(4))
         assert answer.prompt_tokens_computed == len(turn)
         assert answer.prompt_tokens == stream.stats()["tokens_kept"] + len(turn)
     stream.close()
@@ -130,7 +118,7 @@ def test_bounded_memory_on_a_2000_frame_stream(lv):
     stats = stream.stats()
     assert stats["frames"] == 2000 and stats["long_term_tokens"] == 1024
     assert stats["compression_ratio"] > 20
-    answer = stream.ask(QUESTION, _greedy(8))
+    answer = stream.ask(QUESTION, greedy(8))
     assert answer.prompt_tokens_computed < 40
     assert lv.engine_stats()["free_blocks"] == free_at_start
     store_before_close = lv.engine_stats()["store_bytes"]
@@ -140,14 +128,14 @@ def test_bounded_memory_on_a_2000_frame_stream(lv):
 
 def test_interleaved_streams_answer_like_streams_run_alone(lv):
     config = {"clip_frames": 4, "long_term_budget_tokens": 256, "retrieve_ratio": 1.0, "page_tokens": 16}
-    videos = [_video(100 + i, 16) for i in range(4)]
+    videos = [random_video(100 + i, 16) for i in range(4)]
 
     def alone(video):
         stream = lv.open_stream(config)
         stream.append(video[:8])
-        first = stream.ask(QUESTION, _greedy(16)).token_ids
+        first = stream.ask(QUESTION, greedy(16)).token_ids
         stream.append(video[8:])
-        second = stream.ask(QUESTION, _greedy(16)).token_ids
+        second = stream.ask(QUESTION, greedy(16)).token_ids
         stream.close()
         return first, second
 
@@ -156,9 +144,9 @@ def test_interleaved_streams_answer_like_streams_run_alone(lv):
     async def together():
         streams = [lv.open_stream(config) for _ in videos]
         await asyncio.gather(*(s.append_async(v[:8]) for s, v in zip(streams, videos)))
-        first = await asyncio.gather(*(s.ask_async(QUESTION, _greedy(16)) for s in streams))
+        first = await asyncio.gather(*(s.ask_async(QUESTION, greedy(16)) for s in streams))
         await asyncio.gather(*(s.append_async(v[8:]) for s, v in zip(streams, videos)))
-        second = await asyncio.gather(*(s.ask_async(QUESTION, _greedy(16)) for s in streams))
+        second = await asyncio.gather(*(s.ask_async(QUESTION, greedy(16)) for s in streams))
         for s in streams:
             s.close()
         return [(a.token_ids, b.token_ids) for a, b in zip(first, second)]
@@ -168,11 +156,11 @@ def test_interleaved_streams_answer_like_streams_run_alone(lv):
 
 def test_ask_stream_yields_the_answer_text(lv):
     stream = lv.open_stream({"clip_frames": 4})
-    stream.append(_video(11, 4))
-    full = stream.ask(QUESTION, _greedy(12)).text
+    stream.append(random_video(11, 4))
+    full = stream.ask(QUESTION, greedy(12)).text
 
     async def collect():
-        return [delta async for delta in stream.ask_stream(QUESTION, _greedy(12))]
+        return [delta async for delta in stream.ask_stream(QUESTION, greedy(12))]
 
     deltas = asyncio.run(collect())
     assert "".join(deltas) == full and len(deltas) > 1
@@ -190,31 +178,31 @@ def test_bad_input_fails_clearly_and_other_streams_keep_working(lv):
         bad.append(np.zeros((0, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(FrameError, match="empty list"):
         bad.append([])
-    bad.append(_video(1, 2, size=32))
+    bad.append(random_video(1, 2, size=32))
     with pytest.raises(ValueError, match=r"frames of this stream are \[32, 32, 3\]"):
-        bad.append(_video(1, 2, size=40))
+        bad.append(random_video(1, 2, size=40))
     with pytest.raises(ValueError, match="non-empty string"):
         bad.ask("   ")
     bad.close()
     with pytest.raises(StreamClosed, match="closed"):
         bad.ask(QUESTION)
     with pytest.raises(StreamClosed):
-        bad.append(_video(1, 2))
+        bad.append(random_video(1, 2))
     with pytest.raises(LiveVLMConfigError, match="multiple of bucket_capacity"):
         lv.open_stream({"long_term_budget_tokens": 100, "bucket_capacity": 3})
     with pytest.raises(ValueError, match="clip_frames=400 needs"):
         lv.open_stream({"clip_frames": 400})
-    good.append(_video(2, 4))
-    assert len(good.ask(QUESTION, _greedy(4)).token_ids) == 4
+    good.append(random_video(2, 4))
+    assert len(good.ask(QUESTION, greedy(4)).token_ids) == 4
     good.close()
 
 
 def test_history_turns_precede_the_question_and_never_enter_video_memory(lv):
     stream = lv.open_stream({"clip_frames": 4, "history_turns": 1})
-    stream.append(_video(4, 4))
+    stream.append(random_video(4, 4))
     kept = stream.stats()["tokens_kept"]
-    first = stream.ask("what?", _greedy(4))
-    second = stream.ask("and then?", _greedy(4))
+    first = stream.ask("what?", greedy(4))
+    second = stream.ask("and then?", greedy(4))
     turn = (f"what?<|im_end|>\n<|im_start|>assistant\n{first.text}<|im_end|>\n<|im_start|>user\n"
             "and then?<|im_end|>\n<|im_start|>assistant\n")
     assert second.prompt_tokens_computed == len(lv.tokenizer.encode(turn, add_special_tokens=False))

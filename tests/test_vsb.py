@@ -2,28 +2,8 @@
 
 import torch
 
+from reference.livevlm_reference import vsb_keep
 from vllm_livevlm.memory.vsb import VisionSinkBucketing
-
-
-def _reference(scores: list[float], budget: int, capacity: int, score_keep: int) -> list[int]:
-    """The spec's procedure written as a plain loop."""
-    num = len(scores)
-    if num <= budget:
-        return list(range(num))
-    buckets = budget // capacity
-    bucket = [p * buckets // num for p in range(num)]
-    order = sorted(range(num), key=lambda i: -scores[i])
-    kept = set(order[:score_keep])
-    count = [0] * buckets
-    for i in kept:
-        count[bucket[i]] += 1
-    for i in order[score_keep:]:
-        if len(kept) == budget:
-            break
-        if count[bucket[i]] < capacity:
-            kept.add(i)
-            count[bucket[i]] += 1
-    return sorted(kept)
 
 
 def test_matches_the_spec_loop_on_random_scores():
@@ -31,7 +11,7 @@ def test_matches_the_spec_loop_on_random_scores():
     for num, budget, capacity, frac in [(100, 40, 1, 0.5), (257, 64, 4, 0.25), (1000, 120, 2, 0.5), (50, 50, 1, 0.5), (64, 16, 1, 1.0), (90, 30, 3, 0.0)]:
         scores = torch.rand(num, generator=gen)
         vsb = VisionSinkBucketing(budget, capacity, int(frac * budget))
-        assert vsb.select(scores).tolist() == _reference(scores.tolist(), budget, capacity, int(frac * budget))
+        assert vsb.select(scores).tolist() == vsb_keep(scores.tolist(), budget, capacity, int(frac * budget))
 
 
 def test_top_r_kept_buckets_filled_exact_budget_temporal_order():

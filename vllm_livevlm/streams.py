@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -112,7 +113,8 @@ class StreamEngine:
     async def open_stream(self, config: LiveVLMConfig | dict | str | None = None,
                           system_prompt: str | None = None, stream_id: str | None = None) -> "LiveStream":
         """Open a stream (config overrides on the engine's config) and encode its sinks."""
-        stream = LiveStream(self, stream_id or uuid.uuid4().hex, self.resolve_config(config), system_prompt)
+        # 128 random bits: a stream id is unguessable.
+        stream = LiveStream(self, stream_id or secrets.token_hex(16), self.resolve_config(config), system_prompt)
         await stream._open()
         self.streams[stream.id] = stream
         return stream

@@ -65,7 +65,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
-        self._allocated: dict[str, tuple[LiveVLMParams, list[int]]] = {}
+        self._allocated: dict[str, tuple[LiveVLMParams, list[int], Request]] = {}
         self._finished: list[str] = []
         self.stream_index: dict[str, dict[str, Any]] = {}
         self.kv_cache_manager = None
@@ -87,21 +87,22 @@ class LiveVLMConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         params = LiveVLMParams.from_request(request.kv_transfer_params)
         if params is not None:
-            self._allocated[request.request_id] = (params, list(blocks.get_block_ids()[0]))
+            self._allocated[request.request_id] = (params, list(blocks.get_block_ids()[0]), request)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = LiveVLMConnectorMetadata(finished=self._finished)
         self._finished = []
-        for new_req in scheduler_output.scheduled_new_reqs:
-            entry = self._allocated.pop(new_req.req_id, None)
+        # Requests allocated this step: new ones, and preempted ones resumed (recomputed from scratch,
+        # so their context slots are filled again). Called before the scheduler advances
+        # `num_computed_tokens`, which therefore still counts the claimed placeholders only.
+        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            entry = self._allocated.pop(req_id, None)
             if entry is None:
                 continue
-            params, block_ids = entry
+            params, block_ids, request = entry
             meta.requests.append(RequestSlots(
-                req_id=new_req.req_id, params=params, block_ids=list(new_req.block_ids[0]) or block_ids,
-                num_computed=new_req.num_computed_tokens,
-                num_scheduled=scheduler_output.num_scheduled_tokens[new_req.req_id],
-                num_prompt=len(new_req.prompt_token_ids or ()), block_size=self.block_size))
+                req_id=req_id, params=params, block_ids=block_ids, num_computed=request.num_computed_tokens,
+                num_scheduled=num_scheduled, num_prompt=request.num_prompt_tokens, block_size=self.block_size))
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
