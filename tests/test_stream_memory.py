@@ -208,3 +208,23 @@ def test_history_turns_precede_the_question_and_never_enter_video_memory(lv):
     assert second.prompt_tokens_computed == len(lv.tokenizer.encode(turn, add_special_tokens=False))
     assert stream.stats()["tokens_kept"] == kept
     stream.close()
+
+
+def test_a_sinks_prefix_prefilled_in_several_steps_is_kept_whole(lv, vanilla):
+    """A system prompt longer than the engine's token budget per step (8192) is prefilled in chunks; the
+    stream still keeps every sink token and answers like vanilla vLLM."""
+    system = "you are a helpful assistant. " * 700
+    prefix = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+    prefix_tokens = lv.tokenizer.encode(prefix, add_special_tokens=False)
+    assert len(prefix_tokens) > 8192
+    video = random_video(21, 4)
+    stream = lv.open_stream({"clip_frames": 4}, system_prompt=system)
+    assert stream.stats()["sink_tokens"] == len(prefix_tokens)
+    stream.append(video)
+    answer = stream.ask(QUESTION, greedy(16))
+    turn = lv.tokenizer.encode(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    video_token = lv.tokenizer.convert_tokens_to_ids("<video>")
+    expected = vanilla.generate({"prompt_token_ids": prefix_tokens + [video_token] + turn,
+                                 "multi_modal_data": {"video": [video]}}, greedy(16))[0].outputs[0].token_ids
+    assert answer.token_ids == list(expected)
+    stream.close()

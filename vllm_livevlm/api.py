@@ -66,15 +66,16 @@ class LiveVLM:
             return
         self._run(self.core.close_all())
         self._closed = True
-        self.engine.shutdown()
 
         async def cancel_pending() -> None:
+            # The engine's output handler first, so it does not report the engine's exit as a failure.
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
         self._run(cancel_pending())
+        self.engine.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 

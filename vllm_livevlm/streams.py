@@ -147,8 +147,9 @@ class StreamEngine:
                 if on_output is not None:
                     on_output(output)
         finally:
-            if params.kind != RequestKind.SINKS:
-                report = (await self.rpc("livevlm_release", [request_id])).get(request_id, {})
+            report = (await self.rpc("livevlm_release", [request_id])).get(request_id, {})
+        if "error" in report:
+            raise RuntimeError(f"LiveVLM request failed: {report['error']}")
         assert output is not None
         return output, report
 

@@ -41,6 +41,10 @@ class LiveVLMWorkerExtension:
         """Unpin finished requests; returns their retrieval reports (questions)."""
         store = _store()
         reports = store.take_retrieval_reports(req_ids)
+        for req_id in req_ids:
+            failure = store.failure_of(req_id)
+            if failure is not None:
+                reports.setdefault(req_id, {})["error"] = failure
         store.release(req_ids)
         return reports
 

@@ -66,6 +66,8 @@ class LiveVLMConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
         self._allocated: dict[str, tuple[LiveVLMParams, list[int], Request]] = {}
+        # Sinks requests whose prompt the scheduler split over several steps (its token budget was short).
+        self._prefilling: dict[str, tuple[LiveVLMParams, list[int], Request]] = {}
         self._finished: list[str] = []
         self.stream_index: dict[str, dict[str, Any]] = {}
         self.kv_cache_manager = None
@@ -97,11 +99,18 @@ class LiveVLMConnector(KVConnectorBase_V1):
         # `num_computed_tokens`, which therefore still counts the claimed placeholders only.
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             entry = self._allocated.pop(req_id, None)
+            if entry is None and req_id in self._prefilling:
+                # A later chunk: the request has grown blocks since it was allocated.
+                params, _, request = self._prefilling.pop(req_id)
+                entry = (params, list(self.kv_cache_manager.get_blocks(req_id).get_block_ids()[0]), request)
             if entry is None:
                 continue
             params, block_ids, request = entry
+            computed = request.num_computed_tokens
+            if params.kind == RequestKind.SINKS and computed + num_scheduled < request.num_prompt_tokens:
+                self._prefilling[req_id] = entry  # its next chunk is captured too
             meta.requests.append(RequestSlots(
-                req_id=req_id, params=params, block_ids=block_ids, num_computed=request.num_computed_tokens,
+                req_id=req_id, params=params, block_ids=block_ids, num_computed=computed,
                 num_scheduled=num_scheduled, num_prompt=request.num_prompt_tokens, block_size=self.block_size))
         return meta
 
@@ -110,6 +119,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
         if params is None:
             return False, None
         self._allocated.pop(request.request_id, None)
+        self._prefilling.pop(request.request_id, None)
         self._finished.append(params.request_id)
         index = self.stream_index.setdefault(params.stream_id, {})
         index["last_use"] = time.time()

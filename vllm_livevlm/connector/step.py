@@ -74,19 +74,22 @@ class StepRequests:
             row = int(hit[0, 0])
             params = req.params
             memory = None
+            problem = None
             if params.kind != RequestKind.SINKS:
                 memory = store.snapshot(params.stream_id, params.version)
                 expected = (memory.clip_context_tokens if params.kind == RequestKind.CLIP
                             else memory.question_context_tokens)
                 if params.context_tokens != expected:
-                    raise RuntimeError(
-                        f"LiveVLM request {req.req_id}: {params.context_tokens} placeholder tokens but stream "
-                        f"{params.stream_id!r} version {params.version} needs {expected}")
-            if params.kind in (RequestKind.SINKS, RequestKind.CLIP) and req.num_computed + req.num_scheduled != req.num_prompt:
-                raise RuntimeError(
-                    f"LiveVLM request {req.req_id}: a {params.kind.value} must be prefilled in one step "
-                    f"({req.num_prompt - req.num_computed} tokens, {req.num_scheduled} scheduled); raise "
-                    "--max-num-batched-tokens and keep disable_chunked_mm_input on")
+                    problem = (f"{params.context_tokens} placeholder tokens but version {params.version} "
+                               f"needs {expected}")
+            if params.kind == RequestKind.CLIP and req.num_computed + req.num_scheduled != req.num_prompt:
+                problem = (f"a clip must be prefilled in one step ({req.num_prompt - req.num_computed} tokens, "
+                           f"{req.num_scheduled} scheduled): raise --max-num-batched-tokens and keep "
+                           "--disable-chunked-mm-input")
+            if problem is not None:
+                # Never take the engine down for one stream: the stream fails, its requests report it.
+                store.fail(params.stream_id, f"request {params.request_id}: {problem}")
+                continue
             fill = params.kind != RequestKind.SINKS and req.num_computed == params.context_tokens
             active = _Active(req, slice(row, row + req.num_scheduled), memory, fill)
             if fill:
@@ -166,7 +169,11 @@ class StepRequests:
             v = torch.stack([a.captured_v[i] for i in layers])
             config = self.store.config(params.stream_id)
             if params.kind == RequestKind.SINKS:
-                memory = StreamMemory.from_sinks(config, k, v)
+                complete = a.slots.num_computed + a.slots.num_scheduled >= a.slots.num_prompt
+                prefix = self.store.gather_sink_chunks(params.request_id, k, v, complete)
+                if prefix is None:
+                    continue  # the rest of the chunked prefix comes with a later step
+                memory = StreamMemory.from_sinks(config, *prefix)
             else:
                 assert a.memory is not None
                 num_tokens = k.shape[1]

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import RequestKind
 from vllm_livevlm.memory.stream import StreamMemory
@@ -32,6 +34,7 @@ class _Stream:
     pins: dict[str, int] = field(default_factory=dict)  # request id -> version
     retrievals: int = 0
     retrieval_seconds: float = 0.0
+    failure: str | None = None  # set when the stream can no longer be served consistently
     last_use: float = field(default_factory=time.time)
 
     @property
@@ -51,6 +54,7 @@ class SessionStore:
         self._req_stream: dict[str, str] = {}
         # Retrieval reports wait for the front end to fetch them; bounded in case one never does.
         self._retrieval_reports: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._sink_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -68,7 +72,27 @@ class SessionStore:
                 return 0
             for req_id in stream.pins:
                 self._req_stream.pop(req_id, None)
+                self._retrieval_reports.pop(req_id, None)
             return sum(m.nbytes for m in stream.versions.values())
+
+    def fail(self, stream_id: str, reason: str) -> None:
+        """Mark a stream as unusable; its later requests raise with `reason`."""
+        with self._lock:
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.failure is None:
+                stream.failure = reason
+
+    def gather_sink_chunks(self, req_id: str, k: torch.Tensor, v: torch.Tensor,
+                           complete: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A sinks prefix the scheduler prefilled over several steps: keep this chunk's raw K/V, and once
+        the prefix is `complete` return all of it (and forget the chunks)."""
+        if req_id in self._sink_chunks:
+            old_k, old_v = self._sink_chunks.pop(req_id)
+            k, v = torch.cat([old_k, k], dim=1), torch.cat([old_v, v], dim=1)
+        if complete:
+            return k, v
+        self._sink_chunks[req_id] = (k, v)
+        return None
 
     def config(self, stream_id: str) -> LiveVLMConfig:
         return self._get(stream_id).config
@@ -78,6 +102,8 @@ class SessionStore:
         """Pin the latest version for a request about to be submitted; returns its context size P."""
         with self._lock:
             stream = self._get(stream_id)
+            if stream.failure is not None:
+                raise RuntimeError(f"stream {stream_id!r} failed: {stream.failure}")
             memory = stream.latest
             if memory is None:
                 raise ValueError(f"stream {stream_id!r} has no memory yet (its sinks were not encoded)")
@@ -108,11 +134,17 @@ class SessionStore:
         with self._lock:
             return {r: self._retrieval_reports.pop(r) for r in req_ids if r in self._retrieval_reports}
 
+    def failure_of(self, req_id: str) -> str | None:
+        """Why the stream of a pinned request failed, if it did."""
+        stream = self._streams.get(self._req_stream.get(req_id, ""))
+        return stream.failure if stream is not None else None
+
     def release(self, req_ids: list[str]) -> set[str]:
         """Unpin finished (or abandoned) requests; returns the streams touched."""
         touched = set()
         with self._lock:
             for req_id in req_ids:
+                self._sink_chunks.pop(req_id, None)
                 stream_id = self._req_stream.pop(req_id, None)
                 stream = self._streams.get(stream_id) if stream_id else None
                 if stream is not None:
