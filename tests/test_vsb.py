@@ -42,3 +42,4 @@ def test_under_budget_keeps_everything_and_per_head():
     assert vsb.select(torch.rand(10)).tolist() == list(range(10))
     per_head = vsb.select_per_head(torch.rand(40, 3))
     assert per_head.shape == (3, 16)
+    assert VisionSinkBucketing(0, 1, 0).select(torch.rand(40)).numel() == 0  # sliding window: keep none

@@ -1,7 +1,8 @@
 """`vllm-livevlm`: serve, demo, bench and model-building commands.
 
     vllm-livevlm serve MODEL [--livevlm-config JSON] [--livevlm-<knob> V] [--livevlm-limits JSON] [vllm serve args]
-    vllm-livevlm demo [--frames 300]
+    vllm-livevlm demo [--frames 320]
+    vllm-livevlm bench [--model-preset bench|7b] [--lengths 16,64,256,1024] [--systems ...]
     vllm-livevlm build-model OUT [--preset tiny|bench|0.5b|7b]
 
 `serve` runs vLLM's own OpenAI-compatible server (the module, since the `vllm` console script fails under
@@ -61,7 +62,7 @@ def _serve(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": _serve, "demo": _demo, "build-model": _build_model}
+    commands = {"serve": _serve, "demo": _demo, "bench": _bench, "build-model": _build_model}
     if not argv or argv[0] not in commands:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -72,6 +73,12 @@ def _build_model(argv: list[str]) -> None:
     from vllm_livevlm.testing.tiny_model import main as build
 
     build(argv)
+
+
+def _bench(argv: list[str]) -> None:
+    from vllm_livevlm.bench import main as bench
+
+    bench(argv)
 
 
 def _demo(argv: list[str]) -> None:

@@ -29,7 +29,7 @@ class LiveVLMConfig:
     short_term_frames: int = field(default=2, metadata={"help": "most recent frames kept uncompressed (paper code `recent_frames`)"})
     encode_context: EncodeContext = field(default="all", metadata={"help": "context a clip attends to while encoded: 'all' (sinks+LTM+STM, paper) or 'window' (sinks+STM)"})
     score_queries: int = field(default=196, metadata={"help": "last vision tokens of a clip whose queries score the cached vision keys (r)"})
-    long_term_budget_tokens: int | None = field(default=12000, metadata={"help": "long-term tokens kept per layer (M); null never compresses"})
+    long_term_budget_tokens: int | None = field(default=12000, metadata={"help": "long-term tokens kept per layer (M); null never compresses; 0 keeps none (sliding window)"})
     bucket_capacity: int = field(default=1, metadata={"help": "kept tokens per temporal bucket in the coverage phase (B)"})
     score_fraction: float = field(default=0.5, metadata={"help": "share of M kept purely by score before the coverage phase"})
     per_head_selection: bool = field(default=False, metadata={"help": "select tokens per KV head instead of per layer"})
@@ -60,7 +60,8 @@ class LiveVLMConfig:
             raise LiveVLMConfigError("per_head_selection and flush_on_question must be booleans")
         budget = self.long_term_budget_tokens
         if budget is not None:
-            positive("long_term_budget_tokens")
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+                raise LiveVLMConfigError(f"long_term_budget_tokens must be a non-negative integer or null, got {budget!r}")
             if budget % self.bucket_capacity:
                 raise LiveVLMConfigError(
                     f"long_term_budget_tokens ({budget}) must be a multiple of bucket_capacity "

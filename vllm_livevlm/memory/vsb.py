@@ -30,6 +30,8 @@ class VisionSinkBucketing:
         num = scores.shape[0]
         if num <= self.budget:
             return torch.arange(num, device=scores.device)
+        if self.budget == 0:  # no long-term memory at all (sliding window)
+            return torch.zeros(0, dtype=torch.long, device=scores.device)
         num_buckets = self.budget // self.bucket_capacity
         bucket = torch.arange(num, device=scores.device) * num_buckets // num
         order = torch.argsort(scores.float(), descending=True, stable=True)

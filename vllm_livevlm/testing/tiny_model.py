@@ -55,13 +55,15 @@ class Preset:
     # Random weights at the usual 0.02 give near-constant greedy output; tests need answers that depend
     # on the video, so the small presets use a wider init.
     initializer_range: float = 0.02
+    max_position_embeddings: int = 32768
 
 
 PRESETS: dict[str, Preset] = {
     # Fast tests: head_dim 64 (CPU attention needs >= 32), 2 layers.
     "tiny": Preset(128, 256, 2, 2, 1, 32, 64, 2, 2, initializer_range=0.15),
     # CPU benchmarks: 8 layers, hidden 512, head_dim 64.
-    "bench": Preset(512, 1408, 8, 8, 2, 128, 512, 4, 2, initializer_range=0.08),
+    # Long context so the vanilla baselines can hold long streams in benchmarks.
+    "bench": Preset(512, 1408, 8, 8, 2, 128, 512, 4, 2, initializer_range=0.08, max_position_embeddings=262144),
     # Real shapes: Qwen2-0.5B / Qwen2-7B + SigLIP-so400m (26 layers as used by LLaVA-OneVision).
     "0.5b": Preset(896, 4864, 24, 14, 2, 1152, 4304, 26, 16, vocab_size=151936, tie_word_embeddings=True),
     "7b": Preset(3584, 18944, 28, 28, 4, 1152, 4304, 26, 16, vocab_size=152064),
@@ -131,7 +133,7 @@ def build_tiny_model(out_dir: str, preset: str = "tiny", seed: int = 0, dtype: s
     text_config = Qwen2Config(
         vocab_size=vocab, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=32768,
+        num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=shape.max_position_embeddings,
         rope_theta=1000000.0, tie_word_embeddings=shape.tie_word_embeddings,
         initializer_range=shape.initializer_range)
     vision_config = SiglipVisionConfig(
