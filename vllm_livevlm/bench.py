@@ -129,6 +129,13 @@ class Bench:
             ingest += [r.seconds for r in results]
             prefilled += sum(r.prompt_tokens_computed for r in results)
             ttft, rate = [], []
+            try:
+                answer = stream.ask(QUESTION, self._sampling())
+            except Exception as e:  # e.g. the question context outgrew max_model_len (no compression)
+                points.append(Point(length, skipped=f"question failed: {str(e)[:160]}",
+                                    memory_bytes=stream.stats()["bytes"]))
+                progress(f"{name} {length} frames: skipped")
+                continue
             for _ in range(args.reps):
                 answer = stream.ask(QUESTION, self._sampling())
                 ttft.append(answer.timings["ttft"])
