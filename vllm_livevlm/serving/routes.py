@@ -70,6 +70,14 @@ async def list_streams(raw_request: Request):
     return JSONResponse({"object": "list", "data": [svc.describe(s) for s in svc.core.streams.values()]})
 
 
+@router.get("/v1/video/engine")
+@_guard
+async def engine_load(raw_request: Request):
+    """The replica's load (live streams, store bytes, free KV blocks): what a router places streams by."""
+    svc = service(raw_request)
+    return JSONResponse({"object": "video.engine", **await svc.core.engine_stats()})
+
+
 @router.get("/v1/video/streams/{stream_id}")
 @_guard
 async def get_stream(stream_id: str, raw_request: Request):
