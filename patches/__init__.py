@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES: tuple[str, ...] = ()
+PATCHES: tuple[str, ...] = ("async_llm_pre_shutdown_hooks",)
 _applied: set[str] = set()
 
 

@@ -27,3 +27,61 @@ def live_engine(model_dir: str, config: dict) -> Iterator:
     engine = LiveVLM(model_dir, config, dtype="float32", max_model_len=16384)
     yield engine
     engine.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `vllm-livevlm serve` process on a loopback port (tiny model, float32)."""
+
+    def __init__(self, model_dir: str, log_path, config: dict, limits: dict | None = None, *extra: str):
+        import json
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "w+")
+        command = [sys.executable, "-m", "vllm_livevlm.cli", "serve", model_dir, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--dtype", "float32", "--max-model-len", "16384",
+                   "--livevlm-config", json.dumps(config), *extra]
+        if limits:
+            command += ["--livevlm-limits", json.dumps(limits)]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
+
+    def wait_ready(self, timeout: float = 240) -> "Server":
+        import time
+
+        import pytest
+        import requests
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited:\n{self.log_text()[-4000:]}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"server did not start in {timeout} s")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=90)
+        self.log.close()

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import cv2
 import numpy as np
 import pytest
 import requests
+from helpers import Server
 
 pytestmark = pytest.mark.slow
 
@@ -22,39 +18,12 @@ CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 1024, "page_tokens": 16}
 QUESTION = "what is happening in the video?"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm_livevlm.cli", "serve", tiny_model_dir, "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "16384",
-         "--livevlm-config", json.dumps(CONFIG), "--livevlm-limits", '{"max_frames_per_request": 32}'],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited:\n{log.read()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("server did not start in 240 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=60)
+    process = Server(tiny_model_dir, tmp_path_factory.mktemp("server") / "server.log", CONFIG,
+                     {"max_frames_per_request": 32}).wait_ready()
+    yield process.url
+    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -85,66 +54,67 @@ def _mp4(frames: np.ndarray, path) -> bytes:
     return path.read_bytes()
 
 
-def _create(server: str, config: dict | None = None) -> str:
+def _create(server: str, config: dict | None = None) -> tuple[str, dict[str, str]]:
+    """A new stream's id and the headers that carry its owner token."""
     response = requests.post(f"{server}/v1/video/streams", json={"config": config or {}})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["object"] == "video.stream" and len(body["id"]) >= 32
-    return body["id"]
+    assert body["object"] == "video.stream" and len(body["id"]) >= 32 and len(body["token"]) >= 32
+    return body["id"], {"X-Stream-Token": body["token"]}
 
 
-def _ask(client, server_model: str, stream_id: str, max_tokens: int = 8, **kwargs):
+def _ask(client, server_model: str, stream_id: str, owner: dict[str, str], max_tokens: int = 8, **kwargs):
     return client.chat.completions.create(
         model=server_model, messages=[{"role": "user", "content": QUESTION}], max_tokens=max_tokens,
-        temperature=0.0, extra_body={"session_id": stream_id, "ignore_eos": True}, **kwargs)
+        temperature=0.0, extra_body={"session_id": stream_id, "ignore_eos": True}, extra_headers=owner, **kwargs)
 
 
 def test_stream_lifecycle_over_http(server, client, tiny_model_dir, tmp_path):
-    stream_id = _create(server)
+    stream_id, owner = _create(server)
     frames = _frames(0, 64)
     jpegs = [_jpeg(f) for f in frames]
     # 1: multipart JPEG files
-    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames",
+    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames", headers=owner,
                       files=[("frames", (f"{i}.jpg", jpegs[i], "image/jpeg")) for i in range(16)])
     assert r.status_code == 200 and r.json()["frames_accepted"] == 16, r.text
     # 2: JSON with base64 images
-    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames",
+    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames", headers=owner,
                       json={"frames": [base64.b64encode(j).decode() for j in jpegs[16:32]]})
     assert r.status_code == 200 and r.json()["frames_accepted"] == 16, r.text
     # 3: an mp4 file, decoded by the server
-    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames",
+    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames", headers=owner,
                       files=[("frames", ("clip.mp4", _mp4(frames[32:48], tmp_path / "c.mp4"), "video/mp4"))])
     assert r.status_code == 200 and r.json()["frames_accepted"] == 16, r.text
     # 4: a raw mp4 body; wait for the encoding
     r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames?wait=true",
-                      data=_mp4(frames[48:64], tmp_path / "d.mp4"), headers={"Content-Type": "video/mp4"})
+                      data=_mp4(frames[48:64], tmp_path / "d.mp4"), headers={"Content-Type": "video/mp4", **owner})
     assert r.status_code == 200, r.text
-    assert r.json() == {"frames_accepted": 16, "clips_encoded": 16, "frames_encoded": 64, "pending_frames": 0}
+    assert r.json() == {"frames_accepted": 16, "frames_dropped": 0, "clips_encoded": 16, "frames_encoded": 64, "pending_frames": 0}
 
-    plain = _ask(client, tiny_model_dir, stream_id)
+    plain = _ask(client, tiny_model_dir, stream_id, owner)
     assert plain.choices[0].message.content and plain.usage.completion_tokens == 8
     assert 0 < plain.usage.prompt_tokens < 30  # only the question turn is prefilled
     assert plain.model_extra["livevlm"]["frames_covered"] == 64
-    chunks = list(_ask(client, tiny_model_dir, stream_id, stream=True, stream_options={"include_usage": True}))
+    chunks = list(_ask(client, tiny_model_dir, stream_id, owner, stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == plain.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 8
     header = client.chat.completions.create(
         model=tiny_model_dir, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0.0,
-        extra_headers={"X-Session-ID": stream_id}, extra_body={"ignore_eos": True})
+        extra_headers={"X-Session-ID": stream_id, **owner}, extra_body={"ignore_eos": True})
     assert header.choices[0].message.content == plain.choices[0].message.content
 
-    stats = requests.get(f"{server}/v1/video/streams/{stream_id}").json()["stats"]
+    stats = requests.get(f"{server}/v1/video/streams/{stream_id}", headers=owner).json()["stats"]
     assert (stats["frames"], stats["clips"], stats["pending_frames"]) == (64, 16, 0)
     assert stats["long_term_tokens"] <= 1024 and stats["retrievals"] == 3
-    assert stream_id in [s["id"] for s in requests.get(f"{server}/v1/video/streams").json()["data"]]
+    assert stream_id in [s["id"] for s in requests.get(f"{server}/v1/video/streams", headers=owner).json()["data"]]
     paths = requests.get(f"{server}/openapi.json").json()["paths"]
     assert {"/v1/video/streams", "/v1/video/streams/{stream_id}", "/v1/video/streams/{stream_id}/frames"} <= set(paths)
     assert "multipart/form-data" in paths["/v1/video/streams/{stream_id}/frames"]["post"]["requestBody"]["content"]
-    deleted = requests.delete(f"{server}/v1/video/streams/{stream_id}")
+    deleted = requests.delete(f"{server}/v1/video/streams/{stream_id}", headers=owner)
     assert deleted.status_code == 200 and deleted.json()["bytes_freed"] == stats["bytes"]
-    assert requests.get(f"{server}/v1/video/streams/{stream_id}").status_code == 404
-    gone = requests.post(f"{server}/v1/chat/completions", headers={"X-Session-ID": stream_id},
+    assert requests.get(f"{server}/v1/video/streams/{stream_id}", headers=owner).status_code == 404
+    gone = requests.post(f"{server}/v1/chat/completions", headers={"X-Session-ID": stream_id, **owner},
                          json={"model": tiny_model_dir, "messages": [{"role": "user", "content": QUESTION}]})
     assert gone.status_code == 404 and stream_id in gone.json()["error"]["message"]
 
@@ -166,12 +136,12 @@ def test_http_answer_equals_offline_api(server, client, tiny_model_dir):
     from vllm_livevlm import LiveVLM
 
     jpegs = [_jpeg(f) for f in _frames(7, 24)]
-    stream_id = _create(server)
-    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames?wait=true",
+    stream_id, owner = _create(server)
+    r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames?wait=true", headers=owner,
                       files=[("frames", (f"{i}.jpg", j, "image/jpeg")) for i, j in enumerate(jpegs)])
     assert r.status_code == 200
-    http = _ask(client, tiny_model_dir, stream_id, max_tokens=16).choices[0].message.content
-    requests.delete(f"{server}/v1/video/streams/{stream_id}")
+    http = _ask(client, tiny_model_dir, stream_id, owner, max_tokens=16).choices[0].message.content
+    requests.delete(f"{server}/v1/video/streams/{stream_id}", headers=owner)
 
     lv = LiveVLM(tiny_model_dir, CONFIG, dtype="float32", max_model_len=16384)
     try:
@@ -184,7 +154,7 @@ def test_http_answer_equals_offline_api(server, client, tiny_model_dir):
 
 
 def test_bad_input_gets_clear_4xx_and_the_server_keeps_serving(server, client, tiny_model_dir):
-    good = _create(server)
+    good, owner = _create(server)
     frames_url = f"{server}/v1/video/streams/{good}/frames"
 
     def error(response, status, words):
@@ -194,35 +164,35 @@ def test_bad_input_gets_clear_4xx_and_the_server_keeps_serving(server, client, t
 
     error(requests.get(f"{server}/v1/video/streams/nope"), 404, "no video stream with id 'nope'")
     error(requests.post(f"{server}/v1/video/streams/nope/frames", json={"frames": []}), 404, "nope")
-    error(requests.post(frames_url, files=[("frames", ("x.jpg", b"\xff\xd8garbage", "image/jpeg"))]),
+    error(requests.post(frames_url, headers=owner, files=[("frames", ("x.jpg", b"\xff\xd8garbage", "image/jpeg"))]),
           400, "not a decodable JPEG or PNG")
-    error(requests.post(frames_url, data=b"not a video", headers={"Content-Type": "video/mp4"}),
+    error(requests.post(frames_url, data=b"not a video", headers={"Content-Type": "video/mp4", **owner}),
           400, "not a video that can be decoded")
-    error(requests.post(frames_url, data=b"hello", headers={"Content-Type": "text/plain"}), 415,
+    error(requests.post(frames_url, data=b"hello", headers={"Content-Type": "text/plain", **owner}), 415,
           "unsupported content type")
-    error(requests.post(frames_url, files=[("frames", ("a.jpg", _jpeg(_frames(1, 1, 32)[0]), "image/jpeg")),
+    error(requests.post(frames_url, headers=owner, files=[("frames", ("a.jpg", _jpeg(_frames(1, 1, 32)[0]), "image/jpeg")),
                                            ("frames", ("b.jpg", _jpeg(_frames(1, 1, 40)[0]), "image/jpeg"))]),
           422, "share one size")
-    error(requests.post(frames_url, json={"frames": [base64.b64encode(_jpeg(f)).decode() for f in _frames(2, 33)]}),
+    error(requests.post(frames_url, headers=owner, json={"frames": [base64.b64encode(_jpeg(f)).decode() for f in _frames(2, 33)]}),
           413, "more than 32 frames")
-    error(requests.post(frames_url, json={"frames": ["%%%"]}), 400, "not valid base64")
-    error(requests.post(f"{server}/v1/chat/completions", headers={"X-Session-ID": good},
+    error(requests.post(frames_url, headers=owner, json={"frames": ["%%%"]}), 400, "not valid base64")
+    error(requests.post(f"{server}/v1/chat/completions", headers={"X-Session-ID": good, **owner},
                         json={"model": tiny_model_dir, "messages": []}), 400, "at least one user message")
-    error(requests.post(f"{server}/v1/chat/completions", headers={"X-Session-ID": good},
+    error(requests.post(f"{server}/v1/chat/completions", headers={"X-Session-ID": good, **owner},
                         json={"model": tiny_model_dir}), 400, "messages")
     error(requests.post(f"{server}/v1/video/streams", json={"config": {"clip_frames": 400}}), 400, "clip_frames=400")
     error(requests.post(f"{server}/v1/video/streams", json={"config": {"page_tokens": 0}}), 400, "page_tokens")
     error(requests.post(f"{server}/v1/video/streams", json={"config": {"bogus": 1}}), 400, "unknown LiveVLM")
     # frames of another size than the stream's first frames
-    assert requests.post(frames_url, json={"frames": [base64.b64encode(_jpeg(_frames(4, 1)[0])).decode()]}).ok
-    error(requests.post(frames_url, json={"frames": [base64.b64encode(_jpeg(_frames(4, 1, 64)[0])).decode()]}),
+    assert requests.post(frames_url, headers=owner, json={"frames": [base64.b64encode(_jpeg(_frames(4, 1)[0])).decode()]}).ok
+    error(requests.post(frames_url, headers=owner, json={"frames": [base64.b64encode(_jpeg(_frames(4, 1, 64)[0])).decode()]}),
           422, "frames of this stream are [48, 48, 3]")
     # still serving
-    r = requests.post(f"{frames_url}?wait=true", files=[("frames", (f"{i}.jpg", _jpeg(f), "image/jpeg"))
+    r = requests.post(f"{frames_url}?wait=true", headers=owner, files=[("frames", (f"{i}.jpg", _jpeg(f), "image/jpeg"))
                                                        for i, f in enumerate(_frames(5, 3))])
     assert r.status_code == 200 and r.json()["clips_encoded"] == 1
-    assert _ask(client, tiny_model_dir, good).usage.completion_tokens == 8
-    assert requests.delete(f"{server}/v1/video/streams/{good}").status_code == 200
+    assert _ask(client, tiny_model_dir, good, owner).usage.completion_tokens == 8
+    assert requests.delete(f"{server}/v1/video/streams/{good}", headers=owner).status_code == 200
 
 
 def test_websocket_frames_and_questions(server, tiny_model_dir):
@@ -230,16 +200,16 @@ def test_websocket_frames_and_questions(server, tiny_model_dir):
 
     import websockets
 
-    stream_id = _create(server)
+    stream_id, owner = _create(server)
 
     async def session():
-        async with websockets.connect(f"{server.replace('http', 'ws')}/v1/video/streams/{stream_id}/ws") as ws:
+        async with websockets.connect(f"{server.replace('http', 'ws')}/v1/video/streams/{stream_id}/ws?token={owner['X-Stream-Token']}") as ws:
             for frame in _frames(9, 5):
                 await ws.send(_jpeg(frame))
                 assert json.loads(await ws.recv())["type"] == "frames.accepted"
             # Questions do not wait for clips being encoded; let the first clip finish so the answer
             # covers all 5 frames (the 5th is flushed as a short clip).
-            while requests.get(f"{server}/v1/video/streams/{stream_id}").json()["stats"]["clips"] < 1:
+            while requests.get(f"{server}/v1/video/streams/{stream_id}", headers=owner).json()["stats"]["frames_encoded"] < 4:
                 await asyncio.sleep(0.1)
             await ws.send(json.dumps({"type": "question", "question": QUESTION, "max_tokens": 6}))
             deltas, done = [], None
@@ -253,4 +223,4 @@ def test_websocket_frames_and_questions(server, tiny_model_dir):
 
     deltas, done = asyncio.run(session())
     assert done["type"] == "answer.done" and "".join(deltas) == done["text"] and done["frames_covered"] == 5
-    assert requests.delete(f"{server}/v1/video/streams/{stream_id}").status_code == 200
+    assert requests.delete(f"{server}/v1/video/streams/{stream_id}", headers=owner).status_code == 200

@@ -96,22 +96,23 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(1)
         print(f"server ready in {time.time() - start:.0f}s", flush=True)
         client = OpenAI(base_url=f"{url}/v1", api_key="demo")
-        stream_id = requests.post(f"{url}/v1/video/streams", json={"config": DEMO_CONFIG}).json()["id"]
+        created = requests.post(f"{url}/v1/video/streams", json={"config": DEMO_CONFIG}).json()
+        stream_id, owner = created["id"], {"X-Stream-Token": created["token"]}
         frames = render_frames(args.frames)
         with tqdm(total=args.frames, unit="frame", desc="streaming") as bar:
             for sent in range(0, args.frames, args.batch):
                 batch = frames[sent:sent + args.batch]
                 files = [("frames", (f"{sent + i}.jpg", _jpeg(f), "image/jpeg")) for i, f in enumerate(batch)]
                 last = sent + args.batch >= args.frames  # the last push waits for the backlog to be encoded
-                requests.post(f"{url}/v1/video/streams/{stream_id}/frames", files=files,
+                requests.post(f"{url}/v1/video/streams/{stream_id}/frames", files=files, headers=owner,
                               params={"wait": "true"} if last else None).raise_for_status()
                 bar.update(len(batch))
                 done = sent + len(batch)
                 if done % args.ask_every == 0 or done >= args.frames:
-                    rows.append(_ask(client, url, model, stream_id, QUESTIONS[len(rows) % len(QUESTIONS)],
+                    rows.append(_ask(client, url, model, stream_id, owner, QUESTIONS[len(rows) % len(QUESTIONS)],
                                      done, args.max_tokens))
                     bar.set_postfix(ttft_ms=f"{rows[-1]['ttft_ms']:.0f}")
-        requests.delete(f"{url}/v1/video/streams/{stream_id}").raise_for_status()
+        requests.delete(f"{url}/v1/video/streams/{stream_id}", headers=owner).raise_for_status()
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     _print_table(rows)
 
 
-def _ask(client, url: str, model: str, stream_id: str, question: str, sent: int, max_tokens: int) -> dict:
+def _ask(client, url: str, model: str, stream_id: str, owner: dict[str, str], question: str, sent: int, max_tokens: int) -> dict:
     import requests
 
     start = time.perf_counter()
@@ -130,13 +131,13 @@ def _ask(client, url: str, model: str, stream_id: str, question: str, sent: int,
     info = {}
     for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                                 max_tokens=max_tokens, temperature=0.0, stream=True,
-                                                extra_body={"session_id": stream_id}):
+                                                extra_body={"session_id": stream_id}, extra_headers=owner):
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
             text += chunk.choices[0].delta.content
         info = (chunk.model_extra or {}).get("livevlm") or info
     end = time.perf_counter()
-    stats = requests.get(f"{url}/v1/video/streams/{stream_id}").json()["stats"]
+    stats = requests.get(f"{url}/v1/video/streams/{stream_id}", headers=owner).json()["stats"]
     return {"question": question, "frames_sent": sent, "frames_covered": info.get("frames_covered", 0),
             "ttft_ms": 1000 * ((first or end) - start), "total_ms": 1000 * (end - start),
             "context_tokens": info.get("context_tokens", 0), "ltm_tokens": stats["long_term_tokens"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -23,6 +24,8 @@ import numpy as np
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
 from vllm_livevlm.frames import to_frame_array
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "LiveVLMLlavaOnevisionForConditionalGeneration"
 USER_TURN = "<|im_start|>user\n"
@@ -110,6 +113,14 @@ class StreamEngine:
                              "the engine with a larger max_num_batched_tokens")
         return config
 
+    def sinks_prompt(self, system_prompt: str | None) -> list[int]:
+        """Token ids of a stream's chat prefix (its attention sinks): system turn, then the user turn."""
+        prefix = (f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else "") + USER_TURN
+        return self.tokenizer.encode(prefix, add_special_tokens=False)
+
+    def sink_tokens(self, system_prompt: str | None) -> int:
+        return len(self.sinks_prompt(system_prompt))
+
     async def open_stream(self, config: LiveVLMConfig | dict | str | None = None,
                           system_prompt: str | None = None, stream_id: str | None = None) -> "LiveStream":
         """Open a stream (config overrides on the engine's config) and encode its sinks."""
@@ -163,11 +174,13 @@ class LiveStream:
         self.config = config
         self.system_prompt = system_prompt
         self.created = time.time()
+        self.last_activity = self.created
         self.frames_received = 0
         self.frames_encoded = 0
         self.clips_encoded = 0
         self.closed = False
         self._pending: list[np.ndarray] = []
+        self._pending_since: list[float] = []  # arrival time of each pending frame
         self._frame_shape: tuple[int, ...] | None = None
         self._history: list[tuple[str, str]] = []  # earlier (question, answer) turns, text only
         self._clip_lock = asyncio.Lock()
@@ -184,14 +197,33 @@ class LiveStream:
         elif batch.shape[1:] != self._frame_shape:
             raise ValueError(f"frames of this stream are {list(self._frame_shape)}, got {list(batch.shape[1:])}")
         self._pending.extend(batch)
+        self._pending_since.extend([time.time()] * batch.shape[0])
         self.frames_received += batch.shape[0]
+        self.touch()
         return batch.shape[0]
+
+    def drop_oldest_pending(self, count: int) -> int:
+        """Drop up to `count` of the oldest frames not yet encoded (backpressure); returns how many."""
+        count = max(0, min(count, len(self._pending)))
+        del self._pending[:count], self._pending_since[:count]
+        return count
+
+    @property
+    def oldest_pending_at(self) -> float | None:
+        return self._pending_since[0] if self._pending_since else None
+
+    def touch(self) -> None:
+        """Record client activity (idle streams expire on servers)."""
+        self.last_activity = time.time()
 
     async def encode_ready(self) -> list[ClipResult]:
         """Encode every complete clip among the buffered frames, in order."""
         results = []
         while len(self._pending) >= self.config.clip_frames and not self.closed:
-            results.append(await self._encode_clip(self.config.clip_frames))
+            clip = await self._encode_clip(self.config.clip_frames)
+            if clip is None:  # aborted: its frames wait for the next round
+                break
+            results.append(clip)
         return results
 
     async def append(self, frames: Any, timestamps: Any = None) -> list[ClipResult]:
@@ -261,7 +293,8 @@ class LiveStream:
     async def stats(self) -> dict[str, Any]:
         self.check_open()
         stats = await self.engine.rpc("livevlm_stats", self.id)
-        stats.update(pending_frames=len(self._pending), frames_received=self.frames_received)
+        stats.update(pending_frames=len(self._pending), frames_received=self.frames_received,
+                     frames_encoded=self.frames_encoded)
         return stats
 
     async def kept_tokens(self) -> dict[str, Any]:
@@ -276,6 +309,7 @@ class LiveStream:
             return 0
         self.closed = True
         self._pending.clear()
+        self._pending_since.clear()
         self.engine.streams.pop(self.id, None)
         return await self.engine.rpc("livevlm_close_stream", self.id)
 
@@ -286,18 +320,20 @@ class LiveStream:
     # ---- internals ----------------------------------------------------------------------------------------
     async def _open(self) -> None:
         await self.engine.rpc("livevlm_open_stream", self.id, self.config.to_dict())
-        prefix = (f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else "") + USER_TURN
-        tokens = self.engine.tokenizer.encode(prefix, add_special_tokens=False)
-        await self.engine.submit({"prompt_token_ids": tokens}, _one_token(), f"lv-sinks-{self.id}",
-                                 LiveVLMParams(self.id, RequestKind.SINKS))
+        await self.engine.submit({"prompt_token_ids": self.engine.sinks_prompt(self.system_prompt)}, _one_token(),
+                                 f"lv-sinks-{self.id}", LiveVLMParams(self.id, RequestKind.SINKS))
 
-    async def _encode_clip(self, num_frames: int) -> ClipResult:
+    async def _encode_clip(self, num_frames: int) -> ClipResult | None:
+        """Encode the oldest `num_frames` pending frames as one clip. If the engine aborts the clip's request
+        before it ran, its frames go back to the front of the queue and None is returned: the memory never
+        holds half a clip and no frame is lost."""
         async with self._clip_lock:
             if self.closed:
                 raise StreamClosed(f"stream {self.id} was closed while encoding")
             num_frames = min(num_frames, len(self._pending))
             frames = np.stack(self._pending[:num_frames])
-            del self._pending[:num_frames]
+            since = self._pending_since[:num_frames]
+            del self._pending[:num_frames], self._pending_since[:num_frames]
             start = time.perf_counter()
             engine = self.engine
             req_id = f"lv-clip-{self.id}-{self.clips_encoded}-{uuid.uuid4().hex[:8]}"
@@ -308,6 +344,13 @@ class LiveStream:
                       "multi_modal_data": {"video": frames},
                       "multi_modal_uuids": {"video": [req_id]}}
             output, _ = await engine.submit(prompt, _one_token(), req_id, params)
+            if output.outputs[0].finish_reason == "abort":
+                committed = (await engine.rpc("livevlm_stats", self.id))["frames"] - self.frames_encoded
+                if committed == 0:
+                    logger.warning("stream %s: clip request %s was aborted; its %d frames are queued again",
+                                   self.id, req_id, num_frames)
+                    self._pending[:0], self._pending_since[:0] = list(frames), since
+                    return None
             self.frames_encoded += num_frames
             self.clips_encoded += 1
             computed = len(output.prompt_token_ids) - (output.num_cached_tokens or 0)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -24,12 +24,24 @@ router = APIRouter()
 class CreateStreamRequest(BaseModel):
     config: dict[str, Any] | None = Field(default=None, description="LiveVLM knob overrides for this stream")
     system_prompt: str | None = None
+    pending_policy: Literal["reject", "drop_oldest"] | None = Field(
+        default=None, description="when frames arrive faster than they are encoded: refuse them with 429 "
+                                  "(reject) or drop the oldest pending frames; default: the server's")
 
 
 class FramesJSON(BaseModel):
     frames: list[str] | None = Field(default=None, description="base64 JPEG/PNG images (data URLs allowed)")
     video: str | None = Field(default=None, description="base64 mp4/webm file")
     timestamps: list[float] | None = None
+
+
+TOKEN_HEADER = "X-Stream-Token"
+
+
+def stream_token(request: Request | WebSocket) -> str | None:
+    """The owner token a request presents: the `X-Stream-Token` header, or `?token=` (websocket clients
+    that cannot set headers)."""
+    return request.headers.get(TOKEN_HEADER) or request.query_params.get("token")
 
 
 def service(request: Request | WebSocket) -> StreamService:
@@ -58,16 +70,20 @@ def _guard(handler):
 @router.post("/v1/video/streams")
 @_guard
 async def create_stream(body: CreateStreamRequest, raw_request: Request):
+    """Create a stream. The response's `token` is the stream's owner token, shown only here: every later
+    request for the stream must send it in the `X-Stream-Token` header."""
     svc = service(raw_request)
-    stream = await svc.create(body.config, body.system_prompt)
-    return JSONResponse(svc.describe(stream))
+    stream, token = await svc.create(body.config, body.system_prompt, body.pending_policy)
+    return JSONResponse({**svc.describe(stream), "token": token})
 
 
 @router.get("/v1/video/streams")
 @_guard
 async def list_streams(raw_request: Request):
+    """The streams whose owner token(s) the request presents (comma-separated in `X-Stream-Token`)."""
     svc = service(raw_request)
-    return JSONResponse({"object": "list", "data": [svc.describe(s) for s in svc.core.streams.values()]})
+    tokens = [t.strip() for t in (stream_token(raw_request) or "").split(",")]
+    return JSONResponse({"object": "list", "data": [svc.describe(s) for s in svc.owned(tokens)]})
 
 
 @router.get("/v1/video/engine")
@@ -75,21 +91,21 @@ async def list_streams(raw_request: Request):
 async def engine_load(raw_request: Request):
     """The replica's load (live streams, store bytes, free KV blocks): what a router places streams by."""
     svc = service(raw_request)
-    return JSONResponse({"object": "video.engine", **await svc.core.engine_stats()})
+    return JSONResponse({"object": "video.engine", **await svc.engine_load()})
 
 
 @router.get("/v1/video/streams/{stream_id}")
 @_guard
 async def get_stream(stream_id: str, raw_request: Request):
     svc = service(raw_request)
-    stream = svc.get(stream_id)
+    stream = svc.get(stream_id, stream_token(raw_request))
     return JSONResponse({**svc.describe(stream), "stats": await stream.stats()})
 
 
 @router.delete("/v1/video/streams/{stream_id}")
 @_guard
 async def delete_stream(stream_id: str, raw_request: Request):
-    freed = await service(raw_request).delete(stream_id)
+    freed = await service(raw_request).delete(stream_id, stream_token(raw_request))
     return JSONResponse({"id": stream_id, "object": "video.stream.deleted", "deleted": True, "bytes_freed": freed})
 
 
@@ -106,13 +122,15 @@ async def push_frames(stream_id: str, raw_request: Request, wait: bool = False):
     """Push frames: multipart JPEG/PNG (or video) files, JSON with base64 images or video, or a raw video
     body. Encoding runs in the background; `?wait=true` returns once complete clips are encoded."""
     svc = service(raw_request)
-    stream = svc.get(stream_id)
+    token = stream_token(raw_request)
+    stream = svc.get(stream_id, token)
     frames, timestamps = await _read_frames(raw_request, svc)
-    accepted = svc.push(stream, frames, timestamps)
+    accepted, dropped = svc.push(stream, frames, timestamps)
     if wait:
-        await svc.wait_encoded(stream)
-    return JSONResponse({"frames_accepted": accepted, "clips_encoded": stream.clips_encoded,
-                         "frames_encoded": stream.frames_encoded, "pending_frames": stream.pending_frames})
+        await svc.wait_encoded(stream, token)
+    return JSONResponse({"frames_accepted": accepted, "frames_dropped": dropped,
+                         "clips_encoded": stream.clips_encoded, "frames_encoded": stream.frames_encoded,
+                         "pending_frames": stream.pending_frames})
 
 
 async def _read_frames(raw_request: Request, svc: StreamService) -> tuple[np.ndarray, list[float] | None]:
@@ -158,6 +176,10 @@ async def _read_frames(raw_request: Request, svc: StreamService) -> tuple[np.nda
     if not frames:
         raise APIError(400, "the request carries no frames", "frames")
     shapes = {f.shape for f in frames}
+    largest = max(max(s[0], s[1]) for s in shapes)
+    if largest > limits.max_frame_side:
+        raise APIError(413, f"frames of {largest} pixels on a side exceed the limit of {limits.max_frame_side}",
+                       "frames")
     if len(shapes) > 1:
         raise APIError(422, f"frames of one request must share one size, got {sorted(s[:2] for s in shapes)}",
                        "frames")
@@ -199,14 +221,14 @@ async def chat_completions(raw_request: Request):
         return await create_chat_completion(request=request, raw_request=raw_request)
     try:
         svc = service(raw_request)
-        stream = svc.get(stream_id)
+        stream = svc.get(stream_id, stream_token(raw_request))
         question = _question(request)
         sampling = _sampling_params(request)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
             return StreamingResponse(_sse(svc, stream, question, sampling, completion_id, request),
                                      media_type="text/event-stream")
-        answer = await stream.ask(question, sampling)
+        answer = await svc.ask(stream, question, sampling)
         return JSONResponse(_completion(svc, stream, answer, completion_id))
     except APIError as e:
         return e.response()
@@ -276,7 +298,7 @@ async def _sse(svc: StreamService, stream: LiveStream, question: str, sampling, 
         return f"data: {json.dumps(data)}\n\n"
 
     queue: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(stream.ask(question, sampling, on_delta=queue.put_nowait))
+    task = asyncio.create_task(svc.ask(stream, question, sampling, on_delta=queue.put_nowait))
     task.add_done_callback(lambda _: queue.put_nowait(None))
     yield chunk({"role": "assistant", "content": ""})
     try:
@@ -285,7 +307,8 @@ async def _sse(svc: StreamService, stream: LiveStream, question: str, sampling, 
         try:
             answer = task.result()
         except (APIError, StreamClosed, ValueError) as e:
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'BadRequestError', 'code': 400}})}\n\n"
+            status = e.status if isinstance(e, APIError) else 400
+            yield f"data: {json.dumps({'error': {'message': str(e), 'code': status}})}\n\n"
             return
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         yield chunk({}, answer.finish_reason or "stop", livevlm=_livevlm_info(stream, answer),
@@ -306,10 +329,10 @@ async def stream_socket(websocket: WebSocket, stream_id: str):
     await websocket.accept()
     try:
         svc = service(websocket)
-        stream = svc.get(stream_id)
+        stream = svc.get(stream_id, stream_token(websocket))
     except APIError as e:
         await websocket.send_json({"type": "error", "error": {"message": e.message, "code": e.status}})
-        await websocket.close(code=4404 if e.status == 404 else 1011)
+        await websocket.close(code=4000 + e.status)  # 4403, 4404, 4410...
         return
     try:
         while True:
@@ -317,27 +340,35 @@ async def stream_socket(websocket: WebSocket, stream_id: str):
             if message["type"] == "websocket.disconnect":
                 break
             try:
+                stream.check_open()
                 if message.get("bytes") is not None:
-                    svc.push(stream, media.decode_image(message["bytes"], "frame")[None])
+                    frame = media.decode_image(message["bytes"], "frame")
+                    if max(frame.shape[:2]) > svc.limits.max_frame_side:
+                        raise APIError(413, f"frame exceeds {svc.limits.max_frame_side} pixels on a side")
+                    _, dropped = svc.push(stream, frame[None])
                     await websocket.send_json({"type": "frames.accepted", "pending_frames": stream.pending_frames,
-                                               "clips_encoded": stream.clips_encoded})
+                                               "frames_dropped": dropped, "clips_encoded": stream.clips_encoded})
                     continue
                 request = json.loads(message.get("text") or "{}")
-                if request.get("type") != "question":
+                if not isinstance(request, dict) or request.get("type") != "question":
                     raise APIError(400, "text messages must be {\"type\": \"question\", \"question\": ...}")
                 sampling = SamplingParams(max_tokens=int(request.get("max_tokens", 64)),
                                           temperature=float(request.get("temperature", 0.0)))
                 deltas: asyncio.Queue = asyncio.Queue()
-                task = asyncio.create_task(stream.ask(str(request.get("question", "")), sampling,
-                                                      on_delta=deltas.put_nowait))
+                task = asyncio.create_task(svc.ask(stream, str(request.get("question", "")), sampling,
+                                                   on_delta=deltas.put_nowait))
                 task.add_done_callback(lambda _: deltas.put_nowait(None))
-                while (delta := await deltas.get()) is not None:
-                    await websocket.send_json({"type": "answer.delta", "delta": delta})
+                try:
+                    while (delta := await deltas.get()) is not None:
+                        await websocket.send_json({"type": "answer.delta", "delta": delta})
+                finally:
+                    if not task.done():  # the client went away mid-answer: stop decoding for it
+                        task.cancel()
                 answer = task.result()
                 await websocket.send_json({"type": "answer.done", "text": answer.text,
                                            "frames_covered": answer.frames_covered, "timings": answer.timings})
-            except (APIError, ValueError, StreamClosed) as e:
-                status = e.status if isinstance(e, APIError) else 400
+            except (APIError, ValueError, TypeError, StreamClosed) as e:
+                status = e.status if isinstance(e, APIError) else 404 if isinstance(e, StreamClosed) else 400
                 await websocket.send_json({"type": "error", "error": {"message": str(e), "code": status}})
     except WebSocketDisconnect:
         pass

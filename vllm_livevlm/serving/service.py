@@ -1,32 +1,63 @@
-"""`StreamService`: the server's streams, their background ingestion and the server's limits."""
+"""`StreamService`: the server's streams, who owns them, their background ingestion, limits and expiry.
+
+Every route goes through here, so one place enforces what a client may ask of the server: a stream is
+admitted only if its memory bound fits the store limits (the store can never outgrow them), each stream
+needs its owner token, idle streams expire, and shutdown drains in-flight questions before freeing streams.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, fields
-from typing import Any
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.memory.budget import ModelShape, memory_bound_bytes
 from vllm_livevlm.serving.errors import APIError
-from vllm_livevlm.streams import LiveStream, StreamEngine
+from vllm_livevlm.serving.metrics import stream_metrics
+from vllm_livevlm.streams import Answer, LiveStream, StreamEngine
 
 logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "VLLM_LIVEVLM_CONFIG"
 LIMITS_ENV = "VLLM_LIVEVLM_LIMITS"
+GiB = 1024**3
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request or stream may ask of the server (`VLLM_LIVEVLM_LIMITS` JSON, or CLI flags)."""
+    """What clients may ask of the server (`--livevlm-limits` JSON, passed as `VLLM_LIVEVLM_LIMITS`)."""
 
+    max_streams: int = 64
+    max_stream_bytes: int = 4 * GiB          # a stream's memory bound (x2, see `reserved_bytes`) must fit
+    max_total_store_bytes: int = 16 * GiB    # all admitted streams' reservations together
     max_frames_per_request: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
-    max_streams: int = 64
+    max_frame_side: int = 4096               # pixels, width and height
     max_clip_frames: int = 64
+    max_pending_frames: int = 512            # received but not yet encoded, per stream
+    pending_policy: Literal["reject", "drop_oldest"] = "reject"
+    max_question_chars: int = 16384
+    stream_ttl_seconds: float = 1800.0       # idle streams are closed after this; 0 disables expiry
+    shutdown_grace_seconds: float = 30.0     # how long shutdown waits for in-flight questions
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "pending_policy":
+                if value not in ("reject", "drop_oldest"):
+                    raise ValueError(f"pending_policy must be 'reject' or 'drop_oldest', got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"server limit {f.name} must be a non-negative number, got {value!r}")
 
     @classmethod
     def from_env(cls) -> "ServerLimits":
@@ -36,8 +67,11 @@ class ServerLimits:
         data = json.loads(raw)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"{LIMITS_ENV}: unknown limits {sorted(unknown)}")
+            raise ValueError(f"{LIMITS_ENV}: unknown limits {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def config_from_env() -> LiveVLMConfig:
@@ -45,67 +79,233 @@ def config_from_env() -> LiveVLMConfig:
     return LiveVLMConfig.from_json(raw) if raw else LiveVLMConfig()
 
 
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
 class StreamService:
-    def __init__(self, core: StreamEngine, limits: ServerLimits, model_name: str):
+    def __init__(self, core: StreamEngine, limits: ServerLimits, model_name: str, shape: ModelShape):
         self.core = core
         self.limits = limits
         self.model_name = model_name
+        self.shape = shape
+        self.metrics = stream_metrics()
+        self.draining = False
+        self._owners: dict[str, bytes] = {}          # stream id -> sha256 of its owner token
+        self._reserved: dict[str, int] = {}          # stream id -> store bytes reserved at admission
+        self._policy: dict[str, str] = {}            # stream id -> backpressure policy
+        self._opening_bytes = 0                      # reserved by streams whose sinks are being encoded
+        self._gone: OrderedDict[str, str] = OrderedDict()  # recently expired streams -> why (bounded)
         self._ingest: dict[str, asyncio.Task] = {}
         self._ingest_errors: dict[str, BaseException] = {}
+        self._asking: dict[str, int] = {}            # stream id -> questions in flight
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._reaper: asyncio.Task | None = None
 
-    async def create(self, config: dict[str, Any] | None, system_prompt: str | None) -> LiveStream:
-        if len(self.core.streams) >= self.limits.max_streams:
-            raise APIError(503, f"the server holds its maximum of {self.limits.max_streams} streams")
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start expiry and gauge refresh; called on the server's event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._reaper = self._loop.create_task(self._maintain())
+
+    def before_engine_shutdown(self) -> None:
+        """Drain from the thread that stops the engine (vLLM's SIGTERM handler): refuse new work, let
+        in-flight questions finish, close every stream. A no-op on the loop's own thread (nothing to wait on)."""
+        loop = self._loop
+        if loop is None or not loop.is_running() or threading.get_ident() == self._loop_thread:
+            return
+        future = asyncio.run_coroutine_threadsafe(self.drain(), loop)
+        try:
+            future.result(timeout=self.limits.shutdown_grace_seconds + 30)
+        except Exception:
+            logger.exception("LiveVLM: draining streams before shutdown failed")
+
+    async def drain(self) -> None:
+        self.draining = True
+        deadline = time.monotonic() + self.limits.shutdown_grace_seconds
+        while any(self._asking.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        unanswered = sum(self._asking.values())
+        streams = list(self.core.streams)
+        freed = 0
+        for stream_id in streams:
+            freed += await self._close(stream_id)
+        if self._reaper is not None:
+            self._reaper.cancel()
+        logger.info("LiveVLM shutdown: closed %d streams, freed %d bytes (%d questions cut by the %.0f s grace)",
+                    len(streams), freed, unanswered, self.limits.shutdown_grace_seconds)
+
+    # ---- streams -------------------------------------------------------------------------------------------
+    async def create(self, config: dict[str, Any] | None, system_prompt: str | None,
+                     pending_policy: str | None = None) -> tuple[LiveStream, str]:
+        """Admit and open a stream; returns it with its owner token (shown to the client once)."""
+        self._check_accepting()
+        limits = self.limits
+        if pending_policy not in (None, "reject", "drop_oldest"):
+            raise APIError(400, f"pending_policy must be 'reject' or 'drop_oldest', got {pending_policy!r}",
+                           "pending_policy")
+        if len(self.core.streams) >= limits.max_streams:
+            self._reject("max_streams")
+            raise APIError(503, f"the server holds its maximum of {limits.max_streams} streams")
         if config is not None and not isinstance(config, dict):
             raise APIError(400, "config must be a JSON object of LiveVLM knobs", "config")
+        if system_prompt is not None and len(system_prompt) > limits.max_question_chars:
+            raise APIError(400, f"system_prompt is longer than {limits.max_question_chars} characters", "system_prompt")
         try:
             resolved = self.core.resolve_config(config)
         except ValueError as e:  # LiveVLMConfigError included
             raise APIError(400, str(e), "config") from None
-        if resolved.clip_frames > self.limits.max_clip_frames:
+        if resolved.clip_frames > limits.max_clip_frames:
             raise APIError(400, f"clip_frames={resolved.clip_frames} exceeds the server limit of "
-                                f"{self.limits.max_clip_frames}", "config")
-        return await self.core.open_stream(resolved, system_prompt)
+                                f"{limits.max_clip_frames}", "config")
+        reserve = self.reserved_bytes(resolved, self.core.sink_tokens(system_prompt))
+        if reserve is None:
+            raise APIError(400, "long_term_budget_tokens=null keeps every token (unbounded memory); this server "
+                                "bounds each stream's memory: set a budget", "config")
+        if reserve > limits.max_stream_bytes:
+            raise APIError(400, f"this config needs up to {reserve} bytes of stream memory, over the per-stream "
+                                f"limit of {limits.max_stream_bytes}: lower long_term_budget_tokens or "
+                                "short_term_frames", "config")
+        in_use = sum(self._reserved.values()) + self._opening_bytes
+        if in_use + reserve > limits.max_total_store_bytes:
+            self._reject("max_total_store_bytes")
+            raise APIError(503, f"the session store is full: {in_use} of {limits.max_total_store_bytes} bytes are "
+                                f"reserved by live streams and this stream needs {reserve}; retry after streams close")
+        self._opening_bytes += reserve  # held while the sinks are encoded
+        try:
+            stream = await self.core.open_stream(resolved, system_prompt)
+        finally:
+            self._opening_bytes -= reserve
+        token = secrets.token_urlsafe(32)
+        self._owners[stream.id] = _digest(token)
+        self._reserved[stream.id] = reserve
+        self._policy[stream.id] = pending_policy or limits.pending_policy
+        self.metrics.streams.set(len(self.core.streams))
+        self.metrics.store_reserved_bytes.set(sum(self._reserved.values()))
+        return stream, token
 
-    def get(self, stream_id: str) -> LiveStream:
+    def reserved_bytes(self, config: LiveVLMConfig, sink_tokens: int) -> int | None:
+        """Twice a snapshot's bound: a commit builds the next snapshot while requests may still read the
+        previous one, so two snapshots of one stream can be alive at once."""
+        bound = memory_bound_bytes(config, self.shape, sink_tokens)
+        return None if bound is None else 2 * bound
+
+    def get(self, stream_id: str, token: str | None) -> LiveStream:
+        """The stream, if `token` is its owner token: 404 (unknown), 410 (expired), 403 (wrong token)."""
         stream = self.core.streams.get(stream_id)
         if stream is None:
+            if stream_id in self._gone:
+                raise APIError(410, f"video stream {stream_id} {self._gone[stream_id]}", "stream_id")
             raise APIError(404, f"no video stream with id {stream_id!r}", "stream_id")
+        owner = self._owners.get(stream_id)
+        if owner is None or not token or not secrets.compare_digest(owner, _digest(token)):
+            raise APIError(403, f"stream {stream_id} needs its owner token (the `token` returned when it was "
+                                "created) in the X-Stream-Token header" + (": this one does not match" if token else ""),
+                           "X-Stream-Token")
         error = self._ingest_errors.get(stream_id)
         if error is not None:
             raise APIError(500, f"stream {stream_id} failed while encoding: {error}")
+        stream.touch()
         return stream
 
-    def push(self, stream: LiveStream, frames: Any, timestamps: Any = None) -> int:
-        """Accept frames and make sure the stream's ingestion task encodes them in the background."""
+    def owned(self, tokens: list[str]) -> list[LiveStream]:
+        """The streams these owner tokens open (listing never shows other clients' streams)."""
+        digests = {_digest(t) for t in tokens if t}
+        return [s for sid, s in self.core.streams.items() if self._owners.get(sid) in digests]
+
+    def push(self, stream: LiveStream, frames: Any, timestamps: Any = None) -> tuple[int, int]:
+        """Accept frames (backpressure per `pending_policy`) and make sure the stream's ingestion task encodes
+        them in the background. Returns (frames accepted, pending frames dropped)."""
+        self._check_accepting()
+        limits = self.limits
+        count = len(frames)
+        if self._policy[stream.id] == "reject" and stream.pending_frames + count > limits.max_pending_frames:
+            self._reject("max_pending_frames")
+            raise APIError(429, f"stream {stream.id} has {stream.pending_frames} frames waiting to be encoded and "
+                                f"this request adds {count}, over the limit of {limits.max_pending_frames}: "
+                                "send frames no faster than the server encodes them", "frames")
         try:
             accepted = stream.accept(frames, timestamps)
         except ValueError as e:  # FrameError included
             status = 422 if "frames of this stream are" in str(e) else 400
             raise APIError(status, str(e), "frames") from None
+        dropped = stream.drop_oldest_pending(stream.pending_frames - limits.max_pending_frames)
+        self.metrics.frames_received.inc(accepted)
+        self.metrics.frames_dropped.inc(dropped)
         task = self._ingest.get(stream.id)
         if task is None or task.done():
             self._ingest[stream.id] = asyncio.create_task(self._encode(stream))
-        return accepted
+        return accepted, dropped
 
-    async def wait_encoded(self, stream: LiveStream) -> None:
+    async def wait_encoded(self, stream: LiveStream, token: str | None) -> None:
         task = self._ingest.get(stream.id)
         if task is not None:
             await asyncio.shield(task)
-        self.get(stream.id)  # raises if ingestion failed
+        self.get(stream.id, token)  # raises if ingestion failed or the stream went away meanwhile
 
-    async def delete(self, stream_id: str) -> int:
-        stream = self.get(stream_id)
+    async def ask(self, stream: LiveStream, question: str, sampling_params: Any,
+                  on_delta: Callable[[str], None] | None = None) -> Answer:
+        self._check_accepting()
+        if len(question) > self.limits.max_question_chars:
+            raise APIError(400, f"the question is {len(question)} characters long, over the limit of "
+                                f"{self.limits.max_question_chars}", "messages")
+        self._asking[stream.id] = self._asking.get(stream.id, 0) + 1
+        try:
+            answer = await stream.ask(question, sampling_params, on_delta)
+        finally:
+            self._asking[stream.id] -= 1
+            if not self._asking[stream.id]:
+                del self._asking[stream.id]
+            stream.touch()
+        self.metrics.questions.inc()
+        self.metrics.question_ttft.observe(answer.timings["ttft"])
+        self.metrics.pages_retrieved.inc(sum(len(p) for p in answer.retrieved_page_indices.values()))
+        return answer
+
+    async def delete(self, stream_id: str, token: str | None) -> int:
+        self.get(stream_id, token)
+        return await self._close(stream_id)
+
+    def describe(self, stream: LiveStream) -> dict[str, Any]:
+        return {"id": stream.id, "object": "video.stream", "created": int(stream.created),
+                "last_activity": stream.last_activity, "pending_policy": self._policy.get(stream.id),
+                "config": stream.config.to_dict()}
+
+    async def engine_load(self) -> dict[str, Any]:
+        stats = await self.core.engine_stats()
+        stats["reserved_bytes"] = sum(self._reserved.values())
+        stats["max_total_store_bytes"] = self.limits.max_total_store_bytes
+        return stats
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _check_accepting(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down and accepts no new stream work")
+
+    def _reject(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason=reason).inc()
+
+    async def _close(self, stream_id: str) -> int:
+        stream = self.core.streams.get(stream_id)
         task = self._ingest.pop(stream_id, None)
-        freed = await stream.close()
+        freed = await stream.close() if stream is not None else 0
         if task is not None and not task.done():
             task.cancel()
         self._ingest_errors.pop(stream_id, None)
+        self._owners.pop(stream_id, None)
+        self._reserved.pop(stream_id, None)
+        self._policy.pop(stream_id, None)
+        self.metrics.streams.set(len(self.core.streams))
+        self.metrics.store_reserved_bytes.set(sum(self._reserved.values()))
         return freed
 
     async def _encode(self, stream: LiveStream) -> None:
         try:
-            await stream.encode_ready()
+            for clip in await stream.encode_ready():
+                self.metrics.frames_ingested.inc(clip.frames)
+                self.metrics.clips_encoded.inc()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported on the stream's next request
@@ -113,6 +313,41 @@ class StreamService:
                 logger.exception("stream %s: encoding failed", stream.id)
                 self._ingest_errors[stream.id] = e
 
-    def describe(self, stream: LiveStream) -> dict[str, Any]:
-        return {"id": stream.id, "object": "video.stream", "created": int(stream.created),
-                "config": stream.config.to_dict()}
+    async def _maintain(self) -> None:
+        """Every few seconds: expire idle streams and refresh the gauges that need the engine."""
+        ttl = self.limits.stream_ttl_seconds
+        period = min(max(ttl / 4, 0.5), 5.0) if ttl else 5.0
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if ttl:
+                    await self._expire_idle(ttl)
+                await self._refresh_gauges()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let a failed refresh stop expiry
+                logger.exception("LiveVLM: stream maintenance failed")
+
+    async def _expire_idle(self, ttl: float) -> None:
+        now = time.time()
+        for stream_id, stream in list(self.core.streams.items()):
+            task = self._ingest.get(stream_id)
+            busy = self._asking.get(stream_id) or (task is not None and not task.done())
+            idle = now - stream.last_activity
+            if busy or idle < ttl:
+                continue
+            freed = await self._close(stream_id)
+            self._gone[stream_id] = f"expired after {idle:.0f} s without activity (TTL {ttl:g} s)"
+            while len(self._gone) > 4096:
+                self._gone.popitem(last=False)
+            self.metrics.streams_expired.inc()
+            logger.info("LiveVLM: stream %s expired after %.0f s idle; freed %d bytes", stream_id, idle, freed)
+
+    async def _refresh_gauges(self) -> None:
+        stats = await self.core.engine_stats()
+        self.metrics.store_bytes.set(stats["store_bytes"])
+        streams = list(self.core.streams.values())
+        self.metrics.ingest_lag_frames.set(sum(s.pending_frames for s in streams))
+        oldest = min((s.oldest_pending_at for s in streams if s.oldest_pending_at is not None), default=None)
+        self.metrics.ingest_lag_seconds.set(time.time() - oldest if oldest is not None else 0.0)
+
