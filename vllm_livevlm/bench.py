@@ -39,6 +39,13 @@ VANILLA_SYSTEMS = ("vanilla", "vanilla-32", "recent-4")
 ALL_SYSTEMS = ("vanilla", "vanilla-prefix", "vanilla-32", "recent-4", "sliding-window", "fullkv-retrieval", "livevlm")
 
 
+def uniform_indices(length: int, count: int) -> np.ndarray:
+    """Indices of `count` frames spread evenly over `length` frames, first and last included (all if fewer)."""
+    if length <= count:
+        return np.arange(length)
+    return np.linspace(0, length - 1, count).round().astype(int)
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -179,8 +186,8 @@ class Bench:
 
     def _frames_for(self, name: str, length: int) -> np.ndarray:
         frames = self.frames[:length]
-        if name == "vanilla-32" and length > 32:
-            return frames[np.linspace(0, length - 1, 32).round().astype(int)]
+        if name == "vanilla-32":
+            return frames[uniform_indices(length, 32)]
         if name == "recent-4":
             return frames[-4:]
         return frames

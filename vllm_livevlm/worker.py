@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
 from vllm_livevlm.config import LiveVLMConfig
@@ -61,6 +62,19 @@ class LiveVLMWorkerExtension:
         store = _store()
         memory = store.snapshot(stream_id, store.stats(stream_id)["version"])
         return {"long_term": memory.ltm_ids.tolist(), "short_term": memory.stm_ids.tolist()}
+
+    def livevlm_memory_snapshot(self, stream_id: str) -> dict[str, Any]:
+        """The stream's latest memory (raw keys/values, token ids, frames), what the fidelity measures read
+        (`vllm_livevlm.eval.fidelity`). Tensors travel as `(dtype, shape, bytes)`: utility results from the
+        engine process lose tensor types."""
+        store = _store()
+        memory = store.snapshot(stream_id, store.stats(stream_id)["version"])
+        names = ("sinks_k", "sinks_v", "ltm_k", "ltm_v", "ltm_ids", "ltm_frames", "stm_k", "stm_v", "stm_ids", "stm_frames")
+        tensors = {name: getattr(memory, name).detach().cpu().contiguous() for name in names}
+        return {"tensors": {name: (str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes())
+                            for name, t in tensors.items()},
+                "page_tokens": memory.config.page_tokens, "retrieve_ratio": memory.config.retrieve_ratio,
+                "tokens_seen": memory.tokens_seen}
 
     def livevlm_engine_stats(self) -> dict[str, Any]:
         """Store bytes and, when the scheduler shares this process (single-process engines), the paged
