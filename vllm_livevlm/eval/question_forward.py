@@ -33,7 +33,6 @@ class QuestionForward:
 
         config = AutoConfig.from_pretrained(model_dir)
         text = getattr(config, "text_config", config)
-        text.torch_dtype = torch.float32
         with torch.device(device):
             model = Qwen2ForCausalLM(text)
         state = {}
