@@ -85,7 +85,7 @@ class LiveVLMReplica:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=60)  # the server drains in-flight questions first
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
