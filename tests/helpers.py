@@ -54,10 +54,11 @@ class Server:
                    "--livevlm-config", json.dumps(config), *extra]
         if limits:
             command += ["--livevlm-limits", json.dumps(limits)]
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+        # Its own process group: `stop` can reap the engine core too, whatever state the server is in.
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
 
-    def wait_ready(self, timeout: float = 240) -> "Server":
+    def wait_ready(self, timeout: float = 420) -> "Server":
         import time
 
         import pytest
@@ -73,15 +74,29 @@ class Server:
             except requests.ConnectionError:
                 pass
             time.sleep(1)
-        pytest.fail(f"server did not start in {timeout} s")
+        self.stop()
+        pytest.fail(f"server did not start in {timeout} s:\n{self.log_text()[-4000:]}")
 
     def log_text(self) -> str:
+        if self.log.closed:
+            return ""
         self.log.flush()
         self.log.seek(0)
         return self.log.read()
 
     def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=90)
-        self.log.close()
+            try:
+                self.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever the server left behind
+        except ProcessLookupError:
+            pass
+        self.process.wait()

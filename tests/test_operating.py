@@ -28,10 +28,12 @@ CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 256, "page_tokens": 16, "
 QUESTION = "what is happening in the video?"
 LOAD_SECONDS = 120
 TTL = 8.0
+QUESTIONS_PER_STREAM = 2
 
 
 def _reservation(model_dir: str) -> int:
-    """Store bytes the server reserves for one stream of CONFIG (twice a snapshot's bound)."""
+    """Store bytes the server reserves for one stream of CONFIG: a snapshot's bound times (2 + questions in
+    flight per stream), the snapshots one stream can hold at once."""
     from transformers import AutoConfig, AutoTokenizer
 
     from vllm_livevlm.config import LiveVLMConfig
@@ -41,7 +43,7 @@ def _reservation(model_dir: str) -> int:
     shape = ModelShape(text.num_hidden_layers, text.num_key_value_heads,
                        text.hidden_size // text.num_attention_heads, 4, 196)
     sinks = len(AutoTokenizer.from_pretrained(model_dir).encode("<|im_start|>user\n", add_special_tokens=False))
-    return 2 * memory_bound_bytes(LiveVLMConfig.from_dict(CONFIG), shape, sinks)
+    return (2 + QUESTIONS_PER_STREAM) * memory_bound_bytes(LiveVLMConfig.from_dict(CONFIG), shape, sinks)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,7 @@ def limits(reservation) -> dict:
     return {"max_streams": 12, "max_total_store_bytes": int(10.5 * reservation),
             "max_stream_bytes": int(1.5 * reservation), "max_frames_per_request": 32, "max_pending_frames": 48,
             "max_frame_side": 256, "max_question_chars": 2000, "stream_ttl_seconds": TTL,
+            "max_questions_per_stream": QUESTIONS_PER_STREAM,
             "shutdown_grace_seconds": 60}
 
 

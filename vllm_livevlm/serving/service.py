@@ -38,7 +38,7 @@ class ServerLimits:
     """What clients may ask of the server (`--livevlm-limits` JSON, passed as `VLLM_LIVEVLM_LIMITS`)."""
 
     max_streams: int = 64
-    max_stream_bytes: int = 4 * GiB          # a stream's memory bound (x2, see `reserved_bytes`) must fit
+    max_stream_bytes: int = 4 * GiB          # what a stream reserves (see `reserved_bytes`) must fit
     max_total_store_bytes: int = 16 * GiB    # all admitted streams' reservations together
     max_frames_per_request: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -47,6 +47,7 @@ class ServerLimits:
     max_pending_frames: int = 512            # received but not yet encoded, per stream
     pending_policy: Literal["reject", "drop_oldest"] = "reject"
     max_question_chars: int = 16384
+    max_questions_per_stream: int = 2        # in flight at once, per stream (each may pin a snapshot)
     stream_ttl_seconds: float = 1800.0       # idle streams are closed after this; 0 disables expiry
     shutdown_grace_seconds: float = 30.0     # how long shutdown waits for in-flight questions
 
@@ -187,10 +188,10 @@ class StreamService:
         return stream, token
 
     def reserved_bytes(self, config: LiveVLMConfig, sink_tokens: int) -> int | None:
-        """Twice a snapshot's bound: a commit builds the next snapshot while requests may still read the
-        previous one, so two snapshots of one stream can be alive at once."""
+        """A snapshot's bound times the snapshots one stream can hold at once: the latest, the one its clip
+        in flight was prepared on, and one per question in flight (each reads the version it pinned)."""
         bound = memory_bound_bytes(config, self.shape, sink_tokens)
-        return None if bound is None else 2 * bound
+        return None if bound is None else (2 + self.limits.max_questions_per_stream) * bound
 
     def get(self, stream_id: str, token: str | None) -> LiveStream:
         """The stream, if `token` is its owner token: 404 (unknown), 410 (expired), 403 (wrong token)."""
@@ -251,6 +252,10 @@ class StreamService:
         if len(question) > self.limits.max_question_chars:
             raise APIError(400, f"the question is {len(question)} characters long, over the limit of "
                                 f"{self.limits.max_question_chars}", "messages")
+        if self._asking.get(stream.id, 0) >= self.limits.max_questions_per_stream:
+            self._reject("max_questions_per_stream")
+            raise APIError(429, f"stream {stream.id} is already answering {self.limits.max_questions_per_stream} "
+                                "questions (max_questions_per_stream): wait for an answer", "messages")
         self._asking[stream.id] = self._asking.get(stream.id, 0) + 1
         try:
             answer = await stream.ask(question, sampling_params, on_delta)
