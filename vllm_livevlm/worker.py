@@ -50,9 +50,7 @@ class LiveVLMWorkerExtension:
         return reports
 
     def livevlm_close_stream(self, stream_id: str) -> int:
-        freed = _store().close(stream_id)
-        _connector().note_stream_closed(stream_id)
-        return freed
+        return _store().close(stream_id)
 
     def livevlm_stats(self, stream_id: str) -> dict[str, Any]:
         return _store().stats(stream_id)

@@ -3,7 +3,8 @@
 Scheduler side (engine core): a LiveVLM clip or question request starts with P placeholder tokens; the
 connector reports them as externally computed so they never run through the model, and ships each
 request's slot layout (blocks, computed/scheduled tokens, snapshot version) to the workers with the step.
-It keeps a stream index (sizes, last use) from what the workers report back.
+Streams themselves (their activity, expiry, limits) are the front end's business: it opens, pins and
+closes them through worker RPCs.
 
 Worker side: the `SessionStore` holds every stream's memory. The model variant's attention layers use the
 step's `StepRequests` to fill context slots and capture clip KV; `wait_for_save` commits captured clips
@@ -13,13 +14,12 @@ into the store once all layers ran.
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                                KVConnectorRole, KVConnectorWorkerMetadata)
+                                                                KVConnectorRole)
 
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
 from vllm_livevlm.connector.store import SessionStore
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
-    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -49,16 +48,6 @@ class LiveVLMConnectorMetadata(KVConnectorMetadata):
     finished: list[str] = field(default_factory=list)           # finished LiveVLM requests (front-end ids)
 
 
-@dataclass
-class LiveVLMWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker → scheduler: the stats of streams that changed this step."""
-
-    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def aggregate(self, other: "LiveVLMWorkerMetadata") -> "LiveVLMWorkerMetadata":
-        return LiveVLMWorkerMetadata({**self.streams, **other.streams})
-
-
 class LiveVLMConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None):
@@ -69,12 +58,10 @@ class LiveVLMConnector(KVConnectorBase_V1):
         # Sinks requests whose prompt the scheduler split over several steps (its token budget was short).
         self._prefilling: dict[str, tuple[LiveVLMParams, list[int], Request]] = {}
         self._finished: list[str] = []
-        self.stream_index: dict[str, dict[str, Any]] = {}
         self.kv_cache_manager = None
         # worker side
         self.store: SessionStore | None = SessionStore() if role == KVConnectorRole.WORKER else None
         self._step: StepRequests | None = None
-        self._changed: dict[str, dict[str, Any]] = {}
         if role == KVConnectorRole.SCHEDULER:
             global _scheduler_connector
             _scheduler_connector = weakref.ref(self)
@@ -121,18 +108,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
         self._allocated.pop(request.request_id, None)
         self._prefilling.pop(request.request_id, None)
         self._finished.append(params.request_id)
-        index = self.stream_index.setdefault(params.stream_id, {})
-        index["last_use"] = time.time()
         return False, None
-
-    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
-        meta = connector_output.kv_connector_worker_meta
-        if isinstance(meta, LiveVLMWorkerMetadata):
-            for stream_id, stats in meta.streams.items():
-                if stats.get("closed"):
-                    self.stream_index.pop(stream_id, None)
-                else:
-                    self.stream_index.setdefault(stream_id, {}).update(stats, last_use=time.time())
 
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         self.kv_cache_manager = kv_cache_manager
@@ -166,18 +142,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
         if self.has_connector_metadata():
             meta = self._get_connector_metadata()
             assert isinstance(meta, LiveVLMConnectorMetadata)
-            for stream_id in self.store.release(meta.finished):
-                self._changed[stream_id] = self.store.stats(stream_id)
+            self.store.release(meta.finished)
         if self._step is not None:
-            for stream_id in self._step.commit():
-                self._changed[stream_id] = self.store.stats(stream_id)
+            self._step.commit()
             self._step = None
-
-    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if not self._changed:
-            return None
-        meta, self._changed = LiveVLMWorkerMetadata(self._changed), {}
-        return meta
-
-    def note_stream_closed(self, stream_id: str) -> None:
-        self._changed[stream_id] = {"closed": True}
