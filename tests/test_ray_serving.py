@@ -56,7 +56,7 @@ def deployment(tiny_model_dir, tmp_path_factory):
          "--livevlm-config", json.dumps(CONFIG)],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
+    deadline = time.time() + 600  # two engines starting on a busy 2-core machine
     while time.time() < deadline:
         if process.poll() is not None:
             log.seek(0)
@@ -69,7 +69,7 @@ def deployment(tiny_model_dir, tmp_path_factory):
         time.sleep(1)
     else:
         process.kill()
-        pytest.fail("serve-ray did not start in 420 s")
+        pytest.fail("serve-ray did not start in 600 s")
     address = re.search(r"Ray cluster at (\S+):", log_path.read_text()).group(1)
     yield url, address
     process.send_signal(signal.SIGINT)  # the CLI stops its replicas and its Ray cluster

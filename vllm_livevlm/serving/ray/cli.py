@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 
 from vllm_livevlm.config import LiveVLMConfig
@@ -50,23 +52,32 @@ def main(argv: list[str]) -> None:
     import ray
     import uvicorn
 
-    from vllm_livevlm.serving.ray.replica import start_replicas
+    from vllm_livevlm.serving.ray.replica import start_replicas, stop_replicas
     from vllm_livevlm.serving.ray.router import StreamRouter
 
     if args.address:
         ray.init(address=args.address)
     else:  # a local cluster sized so that the replicas fit
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(args.replicas * args.replica_cpus + 0.999)),
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(args.replicas * args.replica_cpus)),
                  include_dashboard=False)
-    progress = lambda message: print(f"[serve-ray] {message}", file=sys.stderr, flush=True)  # noqa: E731
     progress(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {ray.cluster_resources()}")
-    replicas = start_replicas(args.model, args.replicas, config, vllm_args, limits, num_cpus=args.replica_cpus,
-                              num_gpus=replica_gpus(vllm_args, ray.cluster_resources().get("GPU", 0)),
-                              timeout=args.replica_timeout, progress=progress)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the replicas on SIGTERM while they start, too
+    replicas = []
     try:
+        replicas = start_replicas(args.model, args.replicas, config, vllm_args, limits,
+                                  num_cpus=args.replica_cpus,
+                                  num_gpus=replica_gpus(vllm_args, ray.cluster_resources().get("GPU", 0)),
+                                  timeout=args.replica_timeout, progress=progress)
         progress(f"router listening on http://{args.host}:{args.port}")
         uvicorn.run(StreamRouter(replicas).app(), host=args.host, port=args.port, log_level="info")
     finally:
-        for replica in replicas:
-            replica.stop()
+        stop_replicas(replicas)
         ray.shutdown()
+
+
+def progress(message: str) -> None:
+    print(f"[serve-ray] {message}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -117,14 +117,6 @@ class Replica:
                 self.alive = False
         return self.alive
 
-    def stop(self) -> None:
-        try:
-            ray.get(self.actor.shutdown.remote(), timeout=60)
-        except (ray.exceptions.RayError, TimeoutError):
-            pass
-        ray.kill(self.actor)
-        self.alive = False
-
 
 def start_replicas(model: str, count: int, config: "LiveVLMConfig", vllm_args: list[str],
                    limits: dict[str, Any] | None = None, num_cpus: float = 1, num_gpus: float = 0,
@@ -140,7 +132,9 @@ def start_replicas(model: str, count: int, config: "LiveVLMConfig", vllm_args: l
     urls: dict[int, str] = {}
     try:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # lets Ctrl-C through
+            if not done:
+                continue
             index = pending.pop(done[0])
             urls[index] = ray.get(done[0])
             progress(f"replica {index} ready at {urls[index]} ({time.monotonic() - start:.0f} s, "
@@ -150,3 +144,15 @@ def start_replicas(model: str, count: int, config: "LiveVLMConfig", vllm_args: l
             ray.kill(actor)
         raise
     return [Replica(i, actor, urls[i]) for i, actor in enumerate(actors)]
+
+
+def stop_replicas(replicas: list[Replica], timeout: float = 90) -> None:
+    """Let every live replica's server drain and exit (at once), then end the actors."""
+    live = [r for r in replicas if r.alive]
+    try:
+        ray.get([r.actor.shutdown.remote() for r in live], timeout=timeout)
+    except (ray.exceptions.RayError, TimeoutError):
+        pass  # a dead actor's server died with it
+    for replica in live:
+        ray.kill(replica.actor)
+        replica.alive = False

@@ -122,7 +122,7 @@ class StreamRouter:
     # ---- forwarding -----------------------------------------------------------------------------------------
     async def forward(self, request: Request, replica: Replica, body: bytes | None = None) -> Response:
         """Send the request to `replica` as it came and stream the response back."""
-        url = httpx.URL(replica.url + request.url.path, query=request.url.query.encode())
+        url = _upstream_url(replica, request)
         content = body if body is not None else request.stream()
         headers = _request_headers(request.headers)
         if body is None and "content-length" in request.headers:  # forwarded byte for byte: still true
@@ -175,8 +175,7 @@ class StreamRouter:
             return error_response(503, str(e))
         self._creating[replica.index] += 1
         try:
-            response = await self.client.post(f"{replica.url}{request.url.path}", params=request.url.query.encode(),
-                                              headers=headers, content=body)
+            response = await self.client.post(_upstream_url(replica, request), headers=headers, content=body)
         except httpx.TransportError:
             await replica.check_alive()
             return error_response(503, f"replica {replica.index} failed while creating the stream; try again")
@@ -192,8 +191,7 @@ class StreamRouter:
         data = []
         for replica in self.live():
             try:
-                response = await self.client.get(f"{replica.url}{request.url.path}",
-                                                  params=request.url.query.encode(), headers=headers)
+                response = await self.client.get(_upstream_url(replica, request), headers=headers)
             except httpx.TransportError:
                 await replica.check_alive()
                 continue
@@ -241,9 +239,7 @@ class StreamRouter:
             error = (503, json.loads(self.lost(stream_id, replica).body)["error"]["message"])
         upstream = None
         if error is None:
-            url = replica.url.replace("http", "ws", 1) + websocket.url.path
-            if websocket.url.query:
-                url += "?" + websocket.url.query
+            url = str(_upstream_url(replica, websocket)).replace("http", "ws", 1)
             try:
                 upstream = await websockets.connect(url, additional_headers=_request_headers(
                     websocket.headers, _HOP_BY_HOP | _WEBSOCKET_HANDSHAKE), max_size=None)
@@ -303,6 +299,10 @@ class StreamRouter:
         return app
 
 
+def _upstream_url(replica: Replica, request: Request | WebSocket) -> httpx.URL:
+    return httpx.URL(replica.url + request.url.path, query=request.url.query.encode() or None)
+
+
 def _session_id(payload: Any, request: Request) -> str | None:
     """The stream a chat completion names, in vLLM's order: body `session_id`, `X-Session-ID` header,
     `vllm_xargs.session_id`."""
@@ -342,7 +342,8 @@ async def _pump(client: WebSocket, upstream: Any) -> None:
                 logger.info("websocket relay ended: %s", task.exception())
     finally:
         await upstream.close()
-        try:
-            await client.close(code=upstream.close_code or 1000)
+        code = upstream.close_code
+        try:  # 1005/1006/1015 only report what happened, they cannot be sent
+            await client.close(code=1011 if code in (1005, 1006, 1015) else code or 1000)
         except RuntimeError:  # the client already closed
             pass
