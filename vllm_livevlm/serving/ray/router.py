@@ -111,9 +111,12 @@ class StreamRouter:
         return self.owners.get(stream_id)
 
     @staticmethod
-    def lost(stream_id: str, replica: Replica) -> JSONResponse:
-        return error_response(503, f"video stream {stream_id!r} is lost: its replica {replica.index} "
-                                   f"({replica.url}) died; create a new stream", "stream_id")
+    def lost_message(stream_id: str, replica: Replica) -> str:
+        return (f"video stream {stream_id!r} is lost: its replica {replica.index} ({replica.url}) died; "
+                "create a new stream")
+
+    def lost(self, stream_id: str, replica: Replica) -> JSONResponse:
+        return error_response(503, self.lost_message(stream_id, replica), "stream_id")
 
     @staticmethod
     def unknown(stream_id: str) -> JSONResponse:
@@ -236,7 +239,7 @@ class StreamRouter:
         if replica is None:
             error = (404, f"no video stream with id {stream_id!r}")
         elif not replica.alive:
-            error = (503, json.loads(self.lost(stream_id, replica).body)["error"]["message"])
+            error = (503, self.lost_message(stream_id, replica))
         upstream = None
         if error is None:
             url = str(_upstream_url(replica, websocket)).replace("http", "ws", 1)
@@ -247,8 +250,8 @@ class StreamRouter:
                 error = (e.response.status_code, f"the replica refused the websocket: {e}")
             except OSError:
                 await replica.check_alive()
-                error = ((503, json.loads(self.lost(stream_id, replica).body)["error"]["message"])
-                         if not replica.alive else (503, f"replica {replica.index} is unreachable"))
+                error = (503, self.lost_message(stream_id, replica) if not replica.alive
+                         else f"replica {replica.index} ({replica.url}) is unreachable")
         await websocket.accept()
         if upstream is None:
             status, message = error
