@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from vllm_livevlm.config import LiveVLMConfig
 
 _PR_SET_PDEATHSIG = 1
+_FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
+_NODE_SPECIFIC_ENV = frozenset({"VLLM_HOST_IP", "VLLM_PORT"})
 
 
 def _die_with_parent() -> None:
@@ -118,13 +120,21 @@ class Replica:
         return self.alive
 
 
+def replica_env() -> dict[str, str]:
+    """The caller's vLLM / Hugging Face settings, which replicas on a running cluster would not see
+    otherwise (their processes inherit the environment of the node's raylet), minus node-specific ones."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(_FORWARDED_ENV_PREFIXES) and k not in _NODE_SPECIFIC_ENV}
+
+
 def start_replicas(model: str, count: int, config: "LiveVLMConfig", vllm_args: list[str],
                    limits: dict[str, Any] | None = None, num_cpus: float = 1, num_gpus: float = 0,
                    timeout: float = 600, progress: Callable[[str], None] = print) -> list[Replica]:
     """Start `count` replica actors at once and wait until every server is healthy."""
     actor_class = ray.remote(LiveVLMReplica)
-    actors = [actor_class.options(name=f"livevlm-replica-{i}", num_cpus=num_cpus, num_gpus=num_gpus).remote(
-                  model, config.to_dict(), vllm_args, limits)
+    env = replica_env()
+    actors = [actor_class.options(name=f"livevlm-replica-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
+                                  runtime_env={"env_vars": env}).remote(model, config.to_dict(), vllm_args, limits)
               for i in range(count)]
     progress(f"starting {count} LiveVLM replica(s) of {model} ({num_cpus} CPU, {num_gpus} GPU each)")
     start = time.monotonic()
