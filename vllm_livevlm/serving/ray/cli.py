@@ -57,9 +57,9 @@ def main(argv: list[str]) -> None:
 
     if args.address:
         ray.init(address=args.address)
-    else:  # a local cluster sized so that the replicas fit
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(args.replicas * args.replica_cpus)),
-                 include_dashboard=False)
+    else:  # a new local cluster (never one `ray start` left running), sized so that the replicas fit
+        cpus = max(os.cpu_count() or 1, math.ceil(args.replicas * args.replica_cpus))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     progress(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {ray.cluster_resources()}")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the replicas on SIGTERM while they start, too
     replicas = []
