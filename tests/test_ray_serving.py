@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 
 CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 1024, "page_tokens": 16}
 QUESTION = "what is happening in the video?"
+API_KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}  # vLLM's --api-key, checked by each replica
 STREAMS = 6
 ROUNDS = 3  # per stream: push a clip, then (from the second round on) ask
 
@@ -53,7 +55,7 @@ def deployment(tiny_model_dir, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "vllm_livevlm.cli", "serve-ray", tiny_model_dir, "--replicas", "2",
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "16384",
-         "--livevlm-config", json.dumps(CONFIG)],
+         "--livevlm-config", json.dumps(CONFIG), "--api-key", API_KEY],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600  # two engines starting on a busy 2-core machine
@@ -80,18 +82,18 @@ def deployment(tiny_model_dir, tmp_path_factory):
 
 
 class Client:
-    """Plain HTTP against the router or one replica, carrying each stream's owner token (if the server
-    issues them) the way a user would."""
+    """Plain HTTP against the router or one replica, carrying the API key and each stream's owner token (if
+    the server issues them) the way a user would."""
 
     def __init__(self, url: str, tokens: dict[str, dict[str, str]] | None = None):
         self.url = url
         self.tokens = {} if tokens is None else tokens
 
     def create(self) -> str:
-        response = requests.post(f"{self.url}/v1/video/streams", json={"config": {}})
+        response = requests.post(f"{self.url}/v1/video/streams", json={"config": {}}, headers=AUTH)
         assert response.status_code == 200, response.text
         body = response.json()
-        self.tokens[body["id"]] = {"X-Stream-Token": body["token"]} if body.get("token") else {}
+        self.tokens[body["id"]] = {**AUTH, **({"X-Stream-Token": body["token"]} if body.get("token") else {})}
         return body["id"]
 
     def push(self, stream_id: str, jpegs: list[bytes]) -> requests.Response:
@@ -112,7 +114,7 @@ class Client:
         return body["choices"][0]["message"]["content"], body["livevlm"]["frames_covered"]
 
     def engine(self) -> dict:
-        return requests.get(f"{self.url}/v1/video/engine").json()
+        return requests.get(f"{self.url}/v1/video/engine", headers=AUTH).json()
 
 
 def _clip(stream: int, round_: int) -> list[bytes]:
@@ -162,6 +164,18 @@ def test_streams_spread_evenly_and_answer_like_a_single_server(placed):
         stream_id = single.create()
         assert _run_stream(single, stream_id, stream) == answers[stream], f"stream {stream}"
         assert requests.delete(f"{single.url}/v1/video/streams/{stream_id}", headers=single.tokens[stream_id]).ok
+
+
+def test_api_key_and_owner_tokens_work_through_the_router(placed):
+    client, ids, _ = placed
+    assert requests.post(f"{client.url}/v1/video/streams", json={}).status_code == 401
+    chat = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
+    no_key = requests.post(f"{client.url}/v1/chat/completions", json=chat, headers={"X-Session-ID": ids[0]})
+    assert no_key.status_code == 401, no_key.text
+    if "X-Stream-Token" in client.tokens[ids[0]]:  # owner tokens (issued at creation) are checked too
+        other = requests.post(f"{client.url}/v1/chat/completions", json=chat,
+                              headers={"X-Session-ID": ids[0], **client.tokens[ids[1]]})
+        assert other.status_code == 403, other.text
 
 
 def test_sse_and_websocket_through_the_router(placed):
@@ -243,4 +257,4 @@ def test_a_killed_replica_loses_only_its_streams(deployment, placed):
     assert not replicas[0]["alive"] and replicas[1]["alive"]
     assert set(fresh) <= set(replicas[1]["stream_ids"])
     assert _run_stream(client, fresh[0], 0) == answers[0]  # a new stream is served, and answers alike
-    assert requests.get(f"{url}/v1/models").status_code == 200  # stream-free routes go to the survivor
+    assert requests.get(f"{url}/v1/models", headers=AUTH).status_code == 200  # stream-free: the survivor
