@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import live_engine
+from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.eval.fidelity import LOSSLESS, QUESTIONS, SYSTEMS, System, format_table, measure, plot
 from vllm_livevlm.eval.fixtures import synthetic_frames
 from vllm_livevlm.eval.question_forward import QuestionForward
@@ -19,8 +20,8 @@ FRAMES = 24
 
 @pytest.fixture(scope="module")
 def data(tiny_model_dir):
-    systems = [System("lossless", LOSSLESS),
-               System("livevlm", {"long_term_budget_tokens": 640, "page_tokens": 32, "retrieve_ratio": 0.5}),
+    livevlm = {"long_term_budget_tokens": 640, "page_tokens": 32, "retrieve_ratio": 0.5}
+    systems = [System("lossless", LOSSLESS), System("livevlm", livevlm), System("livevlm-read8", livevlm, read_frames=8),
                SYSTEMS["sliding-window"], System("uniform-8", LOSSLESS, 8)]
     for lv in live_engine(tiny_model_dir, {"clip_frames": 4}):
         return measure(lv, QuestionForward(tiny_model_dir), synthetic_frames(0, FRAMES, fps=1), list(QUESTIONS[:2]),
@@ -57,6 +58,23 @@ def test_compressed_systems_read_less(data):
     assert window["token_share"] < systems["livevlm"]["token_share"] < 1.0
     assert systems["uniform-8"]["token_share"] == pytest.approx(8 / FRAMES, abs=0.01)
     assert window["kl"] > 1e-4
+
+
+def test_a_matched_read_budget_reads_what_uniform_sampling_sees(data):
+    # livevlm-read8's retrieve_ratio is derived so a question reads 8 frames' worth of stream tokens
+    # (long-term pages + short-term frames), the same share as uniform-8, up to page rounding.
+    systems = data["systems"]
+    assert data["configs"]["livevlm-read8"]["retrieve_ratio"] != 0.5
+    assert systems["livevlm-read8"]["token_share"] == pytest.approx(systems["uniform-8"]["token_share"], abs=0.04)
+
+
+def test_read_budget_resolution():
+    config = LiveVLMConfig()  # M = 12000, 2 short-term frames
+    system = System("x", {}, read_frames=32).resolved(config, tokens_per_frame=196)
+    assert system.config["retrieve_ratio"] == pytest.approx(30 * 196 / 12000)
+    assert System("x", {}, read_frames=10_000).resolved(config, 196).config["retrieve_ratio"] == 1.0
+    with pytest.raises(ValueError, match="bounded"):
+        System("x", {"long_term_budget_tokens": None}, read_frames=32).resolved(config, 196)
 
 
 def test_table_and_plot(data, tmp_path):

@@ -99,10 +99,10 @@ def _pool(url: str) -> tuple[int, float]:
     return _engine(url)["store_bytes"], _metric(url, "vllm:kv_cache_usage_perc")
 
 
-def _rss(pid: int) -> int:
-    """Resident memory of the server: the API process and its engine core."""
+def _rss(pid: int) -> dict[str, int]:
+    """Resident memory of the server's processes (the API process, its engine core), by process."""
     root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    return {f"{p.name()}[{p.pid}]": p.memory_info().rss for p in [root, *root.children(recursive=True)]}
 
 
 def _metric(url: str, name: str) -> float:
@@ -182,11 +182,12 @@ def test_load_then_no_leaks(server, limits):
     for _ in range(2):
         report = asyncio.run(_load(url, limit))
         rss.append(_rss(server.process.pid))
-        print(f"\nload run: {json.dumps(report)}; server RSS {rss[-1] / 2**20:.0f} MiB")
+        print(f"\nload run: {json.dumps(report)}; server RSS {sum(rss[-1].values()) / 2**20:.0f} MiB "
+              f"({', '.join(f'{name} {size / 2**20:.0f}' for name, size in rss[-1].items())})")
         assert not any(code >= 500 for code in report["statuses"]), report
         assert report["answered"] == report["questions"], report
         assert _pool(url) == start and _engine(url)["streams"] == 0
-    assert rss[1] < 1.05 * rss[0], f"RSS grew from {rss[0]} to {rss[1]} bytes over an identical run"
+    assert sum(rss[1].values()) < 1.05 * sum(rss[0].values()), f"RSS grew from {rss[0]} to {rss[1]} over an identical run"
 
 
 # ---- limits ------------------------------------------------------------------------------------------------

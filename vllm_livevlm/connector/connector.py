@@ -26,6 +26,7 @@ from vllm_livevlm.connector.store import SessionStore
 from vllm_livevlm.connector.step import RequestSlots, StepRequests
 
 if TYPE_CHECKING:
+    import torch
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -127,6 +128,18 @@ class LiveVLMConnector(KVConnectorBase_V1):
 
             self._step = StepRequests(meta.requests, self.store, forward_context or get_forward_context())
         return self._step
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        """Commit a host-memory KV pool at start: CPU tensors get their pages on first write, so without this
+        a server's RSS creeps up for hours as the block allocator reaches blocks never used before (and a
+        machine short of memory fails under load instead of at start). GPU pools are resident already."""
+        seen: set[int] = set()
+        for cache in kv_caches.values():
+            if cache.device.type == "cpu" and cache.untyped_storage().data_ptr() not in seen:
+                seen.add(cache.untyped_storage().data_ptr())
+                cache.untyped_storage().fill_(0)
+        if seen:
+            logger.info("LiveVLM: host KV pool committed (%d tensors)", len(seen))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Context slots are filled per layer by the model variant, right before that layer's attention."""

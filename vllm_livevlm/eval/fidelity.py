@@ -11,7 +11,8 @@ question:
 
 Full attention is LiveVLM configured losslessly (no compression, every page read, clips encoded over
 everything before them), which is token-for-token equal to stock vLLM over the same clips
-(tests/test_stream_memory.py). Systems (bench.py's definitions): livevlm at its defaults; sliding window
+(tests/test_stream_memory.py). Systems (bench.py's definitions): livevlm at its defaults; livevlm-read32
+(its retrieve_ratio set so a question reads as many stream tokens as uniform-32 sees); sliding window
 (no long-term memory); uniform-32 (stock vLLM over 32 uniformly sampled frames, run as a lossless stream
 of those frames in one clip). Every stream, question and retrieval runs in vLLM; the attention weights and
 the teacher-forced distributions are recomputed from each stream's memory snapshot by
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from vllm_livevlm.bench import LIVEVLM_SYSTEMS, uniform_indices
+from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.eval.question_forward import QuestionForward
 from vllm_livevlm.memory.retrieval import PageLayout, token_index
 from vllm_livevlm.streams import QUESTION_TURN
@@ -46,10 +48,24 @@ class System:
     name: str
     config: dict[str, Any]
     uniform_frames: int | None = None  # stream only this many uniformly sampled frames, as one clip
+    read_frames: int | None = None  # retrieve_ratio set so a question reads this many frames' worth of tokens
+
+    def resolved(self, base: LiveVLMConfig, tokens_per_frame: float) -> "System":
+        """`read_frames` turned into the retrieve_ratio that reads that many frames' tokens (short-term included)."""
+        if self.read_frames is None:
+            return self
+        config = base.replace(self.config)
+        if not config.long_term_budget_tokens:
+            raise ValueError(f"{self.name}: a matched read budget needs a bounded, non-empty long-term memory")
+        ltm_tokens = (self.read_frames - config.short_term_frames) * tokens_per_frame
+        ratio = min(1.0, max(0.0, ltm_tokens / config.long_term_budget_tokens))
+        return System(self.name, {**self.config, "retrieve_ratio": round(ratio, 4)})
 
 
 FULL = System("full", LOSSLESS)
 SYSTEMS = {"livevlm": System("livevlm", LIVEVLM_SYSTEMS["livevlm"]),
+           # livevlm reading as many stream tokens per question as uniform-32 sees: an equal-budget comparison
+           "livevlm-read32": System("livevlm-read32", LIVEVLM_SYSTEMS["livevlm"], read_frames=32),
            "sliding-window": System("sliding-window", LIVEVLM_SYSTEMS["sliding-window"]),
            "uniform-32": System("uniform-32", LOSSLESS, 32)}
 
@@ -158,6 +174,7 @@ def measure(lv: Any, forward: QuestionForward, frames: np.ndarray, questions: li
     stream_ids = [torch.cat([full.memory.ltm_ids[layer], full.memory.stm_ids.view(1, -1).expand(
         full.memory.ltm_ids.shape[1], -1)], dim=1) for layer in range(forward.num_layers)]  # [H, T] per layer
     group = forward.q_heads // forward.kv_heads
+    systems = [s.resolved(lv.config, full.memory.tokens_seen / len(frames)) for s in systems]
     runs = {system.name: run_system(lv, system, frames, questions, answer_tokens) for system in systems}
     for name, run in runs.items():
         progress(f"{name}: ingested in {run.extra['ingest_s']:.0f} s")
@@ -209,7 +226,7 @@ def measure(lv: Any, forward: QuestionForward, frames: np.ndarray, questions: li
                      first_token_matches_vllm=float(np.mean([q["first_token_matches_vllm"] for q in qs])),
                      memory_bytes=runs[system.name].extra["stats"]["bytes"],
                      ingest_s=runs[system.name].extra["ingest_s"])
-    return {"systems": results, "reference_check": float(np.mean(reference_check)),
+    return {"systems": results, "configs": {s.name: s.config for s in systems}, "reference_check": float(np.mean(reference_check)),
             "full_context_tokens": int(full.memory.sinks_k.shape[1] + full.memory.tokens_seen),
             "full_memory_bytes": full.extra["stats"]["bytes"], "full_ingest_s": full.extra["ingest_s"]}
 
@@ -283,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
     systems = [SYSTEMS[s] for s in args.systems.split(",")]
     if args.livevlm_config:
-        systems = [System(s.name, {**s.config, **json.loads(args.livevlm_config)}) if s.name == "livevlm" else s
-                   for s in systems]
+        systems = [System(s.name, {**s.config, **json.loads(args.livevlm_config)}, s.uniform_frames, s.read_frames)
+                   if s.name.startswith("livevlm") else s for s in systems]
     model = args.model or ensure_tiny_model(os.path.join(os.path.expanduser("~/.cache/vllm-livevlm"), args.model_preset),
                                             preset=args.model_preset)
     frames = synthetic_frames(args.seed, args.frames, fps=1, size=args.frame_size)
@@ -300,8 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = args.machine or _machine_name()
     stamp = datetime.date.today().isoformat()
     data.update(date=stamp, machine=machine, seconds=time.perf_counter() - start,
-                args={**vars(args), "model": args.model or f"{args.model_preset} preset (random weights)"},
-                configs={s.name: s.config for s in systems})
+                args={**vars(args), "model": args.model or f"{args.model_preset} preset (random weights)"})
     print()
     print(format_table(data))
     os.makedirs(args.out, exist_ok=True)
