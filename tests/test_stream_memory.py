@@ -270,3 +270,40 @@ def test_a_clip_aborted_by_the_engine_is_encoded_again_and_answers_do_not_change
     assert len(lv._run(stream.core.encode_ready())) == 1
     assert stream.ask(QUESTION, greedy(8)).token_ids == expected
     stream.close()
+
+
+def test_closing_streams_with_requests_in_the_engine_keeps_it_serving(lv):
+    """A DELETE racing requests already in the engine (a question decoding, a clip being prefilled): the
+    question is answered from the snapshot it pinned, the clip is dropped, the engine keeps serving, and
+    every byte and KV block comes back once the requests are gone."""
+    config = {"clip_frames": 4, "long_term_budget_tokens": 256, "page_tokens": 16}
+    video = random_video(13, 8)
+    start = lv.engine_stats()
+    asked, clipped = lv.open_stream(config), lv.open_stream(config)
+    asked.append(video[:4])
+    expected = asked.ask(QUESTION, greedy(16)).token_ids
+    clipped.append(video[:4])
+
+    async def close_while_in_the_engine():
+        engine = lv.engine
+        answering = asyncio.create_task(asked.core.ask(QUESTION, greedy(16)))
+        clipped.core.accept(video[4:])
+        encoding = asyncio.create_task(clipped.core.encode_ready())
+        prefixes = (f"lv-question-{asked.id}", f"lv-clip-{clipped.id}")
+        while not all(any(r.startswith(p) for r in engine.output_processor.external_req_ids) for p in prefixes):
+            await asyncio.sleep(0)
+        await asyncio.gather(asked.core.close(), clipped.core.close())
+        return await asyncio.gather(answering, encoding, return_exceptions=True)
+
+    answer, encoded = lv._run(close_while_in_the_engine())
+    assert answer.token_ids == expected
+    assert isinstance(encoded, StreamClosed) or encoded == [], encoded
+    with pytest.raises(StreamClosed):
+        asked.ask(QUESTION, greedy(4))
+    fresh = lv.open_stream(config)
+    fresh.append(video[:4])
+    assert fresh.ask(QUESTION, greedy(16)).token_ids == expected  # the engine is alive and unchanged
+    fresh.close()
+    now = lv.engine_stats()
+    assert (now["store_bytes"], now["streams"], now["free_blocks"]) == (start["store_bytes"], start["streams"],
+                                                                        start["free_blocks"])

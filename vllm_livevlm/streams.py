@@ -188,6 +188,7 @@ class LiveStream:
         self._frame_shape: tuple[int, ...] | None = None
         self._history: list[tuple[str, str]] = []  # earlier (question, answer) turns, text only
         self._clip_lock = asyncio.Lock()
+        self._clip_request: str | None = None  # the clip request in the engine, aborted by `close`
 
     # ---- frames --------------------------------------------------------------------------------------
     def accept(self, frames: Any, timestamps: Any = None) -> int:
@@ -315,6 +316,8 @@ class LiveStream:
         self._pending.clear()
         self._pending_since.clear()
         self.engine.streams.pop(self.id, None)
+        if self._clip_request is not None:
+            await self.engine.engine.abort(self._clip_request)  # its result would be dropped anyway
         return await self.engine.rpc("livevlm_close_stream", self.id)
 
     def check_open(self) -> None:
@@ -347,7 +350,13 @@ class LiveStream:
             prompt = {"prompt_token_ids": [engine.placeholder_token_id] * params.context_tokens + [engine.video_token_id],
                       "multi_modal_data": {"video": frames},
                       "multi_modal_uuids": {"video": [req_id]}}
-            output, _ = await engine.submit(prompt, _one_token(), req_id, params)
+            self._clip_request = req_id
+            try:
+                output, _ = await engine.submit(prompt, _one_token(), req_id, params)
+            finally:
+                self._clip_request = None
+            if self.closed:
+                raise StreamClosed(f"stream {self.id} was closed while encoding")
             if output.outputs[0].finish_reason == "abort":
                 committed = (await engine.rpc("livevlm_stats", self.id))["frames"] - self.frames_encoded
                 if committed == 0:

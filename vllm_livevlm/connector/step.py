@@ -75,6 +75,8 @@ class StepRequests:
             params = req.params
             memory = None
             problem = None
+            if not store.is_open(params.stream_id) and not store.holds(params.stream_id, params.version):
+                continue  # its stream was closed (and, for a clip or question, its pin released): output unused
             if params.kind != RequestKind.SINKS:
                 memory = store.snapshot(params.stream_id, params.version)
                 expected = (memory.clip_context_tokens if params.kind == RequestKind.CLIP
@@ -167,6 +169,8 @@ class StepRequests:
             layers = sorted(a.captured_k)
             k = torch.stack([a.captured_k[i] for i in layers])
             v = torch.stack([a.captured_v[i] for i in layers])
+            if not self.store.is_open(params.stream_id):
+                continue  # closed while this clip or sinks prefix was in flight: nothing to keep
             config = self.store.config(params.stream_id)
             if params.kind == RequestKind.SINKS:
                 complete = a.slots.num_computed + a.slots.num_scheduled >= a.slots.num_prompt

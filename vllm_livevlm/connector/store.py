@@ -36,6 +36,7 @@ class _Stream:
     retrieval_seconds: float = 0.0
     failure: str | None = None  # set when the stream can no longer be served consistently
     last_use: float = field(default_factory=time.time)
+    closed: bool = False  # closed while requests still pinned versions: kept until they are released
 
     @property
     def latest(self) -> StreamMemory | None:
@@ -43,7 +44,7 @@ class _Stream:
 
     def drop_unpinned(self) -> None:
         if self.versions:
-            keep = {max(self.versions), *self.pins.values()}
+            keep = set(self.pins.values()) | (set() if self.closed else {max(self.versions)})
             for version in [v for v in self.versions if v not in keep]:
                 del self.versions[version]
 
@@ -65,15 +66,19 @@ class SessionStore:
             self._streams[stream_id] = _Stream(config)
 
     def close(self, stream_id: str) -> int:
-        """Drop a stream and everything it holds; returns the bytes freed."""
+        """Drop a stream and everything it holds; returns the bytes freed. Versions that requests still in
+        the engine have pinned stay until those requests are released (a question racing the close reads
+        a consistent snapshot, a clip in flight is dropped at commit); the stream takes no new requests."""
         with self._lock:
-            stream = self._streams.pop(stream_id, None)
-            if stream is None:
+            stream = self._streams.get(stream_id)
+            if stream is None or stream.closed:
                 return 0
-            for req_id in stream.pins:
-                self._req_stream.pop(req_id, None)
-                self._retrieval_reports.pop(req_id, None)
-            return sum(m.nbytes for m in stream.versions.values())
+            freed = sum(m.nbytes for m in stream.versions.values())
+            stream.closed = True
+            stream.drop_unpinned()
+            if not stream.pins:
+                del self._streams[stream_id]
+            return freed
 
     def fail(self, stream_id: str, reason: str) -> None:
         """Mark a stream as unusable; its later requests raise with `reason`."""
@@ -97,11 +102,22 @@ class SessionStore:
     def config(self, stream_id: str) -> LiveVLMConfig:
         return self._get(stream_id).config
 
+    def is_open(self, stream_id: str) -> bool:
+        stream = self._streams.get(stream_id)
+        return stream is not None and not stream.closed
+
+    def holds(self, stream_id: str, version: int) -> bool:
+        """Whether `version` of the stream is still here (pinned by a request, even after the close)."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and version in stream.versions
+
     # ---- reads -----------------------------------------------------------------------------------------
     def prepare(self, stream_id: str, kind: RequestKind, req_id: str) -> dict[str, int]:
         """Pin the latest version for a request about to be submitted; returns its context size P."""
         with self._lock:
             stream = self._get(stream_id)
+            if stream.closed:
+                raise StreamNotFound(f"stream {stream_id!r} is closed")
             if stream.failure is not None:
                 raise RuntimeError(f"stream {stream_id!r} failed: {stream.failure}")
             memory = stream.latest
@@ -151,13 +167,15 @@ class SessionStore:
                     stream.pins.pop(req_id, None)
                     stream.drop_unpinned()
                     touched.add(stream_id)
+                    if stream.closed and not stream.pins:
+                        del self._streams[stream_id]
         return touched
 
     # ---- writes ----------------------------------------------------------------------------------------
     def commit(self, stream_id: str, memory: StreamMemory) -> None:
         with self._lock:
             stream = self._streams.get(stream_id)
-            if stream is None:
+            if stream is None or stream.closed:
                 return  # closed while its clip was in flight: drop the result
             latest = stream.latest
             if latest is not None and memory.version <= latest.version:
@@ -184,7 +202,8 @@ class SessionStore:
             return sum(m.nbytes for s in self._streams.values() for m in s.versions.values())
 
     def stream_ids(self) -> list[str]:
-        return list(self._streams)
+        """Open streams (closed ones whose last requests are still in the engine are not listed)."""
+        return [stream_id for stream_id, stream in self._streams.items() if not stream.closed]
 
     def _get(self, stream_id: str) -> _Stream:
         try:
