@@ -7,7 +7,8 @@ Idempotent: a second call in the same process does nothing.
 
 from __future__ import annotations
 
-import logging
+from vllm_livevlm.log import get_logger
+
 
 SUPPORTED_VLLM_SERIES = "0.32"
 ARCHITECTURES = {
@@ -16,7 +17,7 @@ ARCHITECTURES = {
     "LiveVLMQwen2ForCausalLM": "vllm_livevlm.model.qwen2:LiveVLMQwen2ForCausalLM",
 }
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 _registered = False
 
 

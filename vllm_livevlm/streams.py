@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import math
 import secrets
 import time
@@ -24,8 +23,9 @@ import numpy as np
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
 from vllm_livevlm.frames import to_frame_array
+from vllm_livevlm.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 ARCHITECTURE = "LiveVLMLlavaOnevisionForConditionalGeneration"
 USER_TURN = "<|im_start|>user\n"

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 

@@ -13,7 +13,6 @@ into the store once all layers ran.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
 from vllm_livevlm.connector.store import SessionStore
 from vllm_livevlm.connector.step import RequestSlots, StepRequests
+from vllm_livevlm.log import get_logger
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 _scheduler_connector: "weakref.ReferenceType[LiveVLMConnector] | None" = None
 
 

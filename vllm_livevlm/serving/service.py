@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import secrets
 import threading
@@ -21,12 +20,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.log import get_logger
 from vllm_livevlm.memory.budget import ModelShape, memory_bound_bytes
 from vllm_livevlm.serving.errors import APIError
 from vllm_livevlm.serving.metrics import stream_metrics
 from vllm_livevlm.streams import Answer, LiveStream, StreamEngine
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CONFIG_ENV = "VLLM_LIVEVLM_CONFIG"
 LIMITS_ENV = "VLLM_LIVEVLM_LIMITS"

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import logging
 from typing import Any
 
 import httpx
@@ -26,10 +25,11 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from vllm_livevlm.log import get_logger
 from vllm_livevlm.serving.errors import error_response
 from vllm_livevlm.serving.ray.replica import Replica
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus those the next hop sets.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
