@@ -135,9 +135,10 @@ class LiveVLMConnector(KVConnectorBase_V1):
         machine short of memory fails under load instead of at start). GPU pools are resident already."""
         seen: set[int] = set()
         for cache in kv_caches.values():
-            if cache.device.type == "cpu" and cache.untyped_storage().data_ptr() not in seen:
-                seen.add(cache.untyped_storage().data_ptr())
-                cache.untyped_storage().fill_(0)
+            storage = cache.untyped_storage()  # layers may share one allocation: write each once
+            if cache.device.type == "cpu" and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                storage.fill_(0)
         if seen:
             logger.info("LiveVLM: host KV pool committed (%d tensors)", len(seen))
 

@@ -75,9 +75,7 @@ class SessionStore:
                 return 0
             freed = sum(m.nbytes for m in stream.versions.values())
             stream.closed = True
-            stream.drop_unpinned()
-            if not stream.pins:
-                del self._streams[stream_id]
+            self._drop_unpinned(stream_id, stream)
             return freed
 
     def fail(self, stream_id: str, reason: str) -> None:
@@ -165,10 +163,8 @@ class SessionStore:
                 stream = self._streams.get(stream_id) if stream_id else None
                 if stream is not None:
                     stream.pins.pop(req_id, None)
-                    stream.drop_unpinned()
+                    self._drop_unpinned(stream_id, stream)
                     touched.add(stream_id)
-                    if stream.closed and not stream.pins:
-                        del self._streams[stream_id]
         return touched
 
     # ---- writes ----------------------------------------------------------------------------------------
@@ -204,6 +200,12 @@ class SessionStore:
     def stream_ids(self) -> list[str]:
         """Open streams (closed ones whose last requests are still in the engine are not listed)."""
         return [stream_id for stream_id, stream in self._streams.items() if not stream.closed]
+
+    def _drop_unpinned(self, stream_id: str, stream: _Stream) -> None:
+        """Drop unpinned versions; a closed stream leaves the store with its last pin (lock held)."""
+        stream.drop_unpinned()
+        if stream.closed and not stream.pins:
+            del self._streams[stream_id]
 
     def _get(self, stream_id: str) -> _Stream:
         try:

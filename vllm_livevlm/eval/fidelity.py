@@ -226,7 +226,8 @@ def measure(lv: Any, forward: QuestionForward, frames: np.ndarray, questions: li
                      first_token_matches_vllm=float(np.mean([q["first_token_matches_vllm"] for q in qs])),
                      memory_bytes=runs[system.name].extra["stats"]["bytes"],
                      ingest_s=runs[system.name].extra["ingest_s"])
-    return {"systems": results, "configs": {s.name: s.config for s in systems}, "reference_check": float(np.mean(reference_check)),
+    return {"systems": results, "configs": {s.name: s.config for s in systems},
+            "reference_check": float(np.mean(reference_check)),
             "full_context_tokens": int(full.memory.sinks_k.shape[1] + full.memory.tokens_seen),
             "full_memory_bytes": full.extra["stats"]["bytes"], "full_ingest_s": full.extra["ingest_s"]}
 
