@@ -204,9 +204,10 @@ def test_store_limit_refuses_streams_with_503_never_oom(server, reservation, lim
     assert _engine(url)["reserved_bytes"] == 10 * reservation <= limits["max_total_store_bytes"]
     for stream_id, owner in held:
         assert requests.delete(f"{url}/v1/video/streams/{stream_id}", headers=owner).status_code == 200
-    assert requests.post(f"{url}/v1/video/streams", json={}, headers=AUTH).status_code == 200  # room again
+    again, again_owner = _create(url)  # room again
     for s in requests.get(f"{url}/v1/video/streams", headers=AUTH).json()["data"]:
         pytest.fail(f"listing without a token shows stream {s['id']}")
+    assert requests.delete(f"{url}/v1/video/streams/{again}", headers=again_owner).status_code == 200
 
 
 def test_limits_give_clear_4xx(server):
@@ -303,13 +304,16 @@ def test_idle_streams_expire_and_metrics_are_exported(server):
     while time.time() < deadline:
         stats = requests.get(f"{url}/v1/video/streams/{active}", headers=owner)  # activity keeps it alive
         assert stats.status_code == 200
-        if _metric(url, "livevlm_streams_expired_total") > expired_before:  # (reading the idle one would touch it)
+        # Listing by the owner token does not touch a stream (reading the idle one would); waiting for the
+        # idle stream itself, since a stream left over by an earlier test may expire meanwhile too.
+        listed = requests.get(f"{url}/v1/video/streams", headers=idle_owner).json()["data"]
+        if not any(s["id"] == idle for s in listed):
             break
         time.sleep(TTL / 4)
     gone = requests.post(f"{url}/v1/video/streams/{idle}/frames", files=_files([9]), headers=idle_owner)
     assert gone.status_code == 410 and "expired after" in gone.json()["error"]["message"], gone.text
     assert _chat(url, idle, idle_owner).status_code == 410
-    assert _metric(url, "livevlm_streams_expired_total") == expired_before + 1
+    assert _metric(url, "livevlm_streams_expired_total") >= expired_before + 1
     assert f"stream {idle} expired after" in server.log_text()
     assert _chat(url, active, owner).status_code == 200
     for name in ("livevlm_streams", "livevlm_store_bytes", "livevlm_frames_ingested_total",
