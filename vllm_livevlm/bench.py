@@ -36,6 +36,7 @@ LIVEVLM_SYSTEMS = {
     "livevlm": {},
 }
 VANILLA_SYSTEMS = ("vanilla", "vanilla-32", "recent-4")
+BOUNDED_SYSTEMS = ("sliding-window", "livevlm")  # memory bounded by config: the only ones run to --long-lengths
 ALL_SYSTEMS = ("vanilla", "vanilla-prefix", "vanilla-32", "recent-4", "sliding-window", "fullkv-retrieval", "livevlm")
 
 
@@ -90,7 +91,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.frames = np.random.default_rng(args.seed).integers(
-            0, 256, size=(max(args.lengths), args.frame_size, args.frame_size, 3), dtype=np.uint8)
+            0, 256, size=(max(args.lengths + args.long_lengths) + (args.clip_frames if args.profile else 0),
+                          args.frame_size, args.frame_size, 3), dtype=np.uint8)
         self.results: dict[str, list[Point]] = {}
         self.request = 0
 
@@ -100,8 +102,12 @@ class Bench:
 
         args = self.args
         base = {"clip_frames": args.clip_frames}
+        profiling = {"profiler_config": {"profiler": "torch", "torch_profiler_dir": os.path.abspath(args.profile),
+                                         "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}
+                     } if args.profile else {}
         lv = LiveVLM(model, base, max_model_len=args.max_model_len, dtype=args.dtype,
-                     limit_mm_per_prompt={"video": max(args.lengths) // args.clip_frames + 1, "image": 0})
+                     limit_mm_per_prompt={"video": max(args.lengths) // args.clip_frames + 1, "image": 0},  # vanilla's clips
+                     **profiling)
         self.kv_bytes_per_token = self._kv_bytes_per_token(lv.engine.model_config.hf_config.text_config, args.dtype)
         try:
             self._warm_up(lv)
@@ -127,10 +133,13 @@ class Bench:
     def _run_stream_system(self, lv, name: str, overrides: dict, progress) -> list[Point]:
         args = self.args
         stream = lv.open_stream(overrides)
-        points, ingest, prefilled, encoded = [], [], 0, 0
-        for length in sorted(args.lengths):
+        points, ingest, prefilled, encoded, peak = [], [], 0, 0, 0
+        for length in self.lengths_for(name):
             start = time.perf_counter()
-            results = stream.append(self.frames[encoded:length])
+            results = []
+            for clip_start in range(encoded, length, args.clip_frames):  # clip by clip: memory sampled after each
+                results += stream.append(self.frames[clip_start:min(clip_start + args.clip_frames, length)])
+                peak = max(peak, stream.stats()["bytes"])
             elapsed = time.perf_counter() - start
             encoded = length
             ingest += [r.seconds for r in results]
@@ -154,10 +163,25 @@ class Bench:
                                 (len(results) * args.clip_frames) / elapsed if results else None,
                                 stats["bytes"], prefilled,
                                 extra={"context_tokens": answer.prompt_tokens - answer.prompt_tokens_computed,
-                                       "ingest_s_all_clips": ingest, "long_term_tokens": stats["long_term_tokens"]}))
+                                       "ingest_s_all_clips": list(ingest), "long_term_tokens": stats["long_term_tokens"],
+                                       "peak_memory_bytes": max(peak, stats["bytes"])}))
             progress(f"{name} {length} frames: TTFT {points[-1].ttft_s['median'] * 1000:.0f} ms")
+        if args.profile and name == "livevlm":
+            self._profile(lv, stream, encoded)
         stream.close()
         return points
+
+    def _profile(self, lv, stream, encoded: int) -> None:
+        """torch.profiler traces and op tables (`<prefix>_*.profiler_out.txt` in `--profile`) of one more clip
+        and one question of the longest livevlm stream: where an ingest and an answer spend their time."""
+        clip = self.frames[encoded:encoded + self.args.clip_frames]
+        for prefix, work in (("clip", lambda: stream.append(clip)),
+                             ("question", lambda: stream.ask(QUESTION, self._sampling()))):
+            lv._run(lv.engine.start_profile(profile_prefix=prefix))
+            try:
+                work()
+            finally:
+                lv._run(lv.engine.stop_profile())
 
     def _run_vanilla(self, engine, runner, tokenizer, name: str, progress) -> list[Point]:
         args = self.args
@@ -183,6 +207,12 @@ class Bench:
                                 extra={"prompt_tokens": len(output.prompt_token_ids), "frames_used": len(frames)}))
             progress(f"{name} {length} frames: TTFT {points[-1].ttft_s['median'] * 1000:.0f} ms")
         return points
+
+    def lengths_for(self, name: str) -> list[int]:
+        """Every system runs `--lengths`; the bounded-memory ones also run `--long-lengths` (the others' memory
+        or question context grows with the stream, which the shorter lengths already show)."""
+        extra = self.args.long_lengths if name in BOUNDED_SYSTEMS else []
+        return sorted(set(self.args.lengths) | set(extra))
 
     def _frames_for(self, name: str, length: int) -> np.ndarray:
         frames = self.frames[:length]
@@ -264,11 +294,13 @@ class Bench:
         return 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * element
 
     def max_frames(self) -> dict[str, Any]:
-        """The '44x' analogue, measured: livevlm held every frame of the run in its (bounded) memory; how many
-        frames do the systems that keep every frame's KV hold in that same memory, and in `--budget-gib`?"""
+        """The '44x' analogue, measured: the fixed budget is the most memory livevlm's stream ever held (sampled
+        after every clip of its longest run); livevlm held every frame of that run in it. How many frames do the
+        systems that keep every frame's KV hold in that same budget, and in `--budget-gib`?"""
         budget = self.args.budget_gib * 2**30
         out: dict[str, Any] = {}
         ours = [p for p in self.results.get("livevlm", []) if not p.skipped]
+        ours_peak = ours[-1].extra.get("peak_memory_bytes", ours[-1].memory_bytes) if ours else 0
         for name, points in self.results.items():
             measured = [p for p in points if not p.skipped and p.memory_bytes]
             if not measured:
@@ -276,18 +308,39 @@ class Bench:
             last = measured[-1]
             if name in ("vanilla-32", "recent-4"):
                 out[name] = {"frames_in_budget": None, "note": "sees a fixed number of frames, drops the rest"}
-            elif name in ("livevlm", "sliding-window"):
-                out[name] = {"frames_in_budget": None, "frames_held": last.frames, "memory_bytes": last.memory_bytes,
+            elif name in BOUNDED_SYSTEMS:
+                out[name] = {"frames_in_budget": None, "frames_held": last.frames,
+                             "peak_memory_bytes": last.extra.get("peak_memory_bytes", last.memory_bytes),
                              "note": "memory bounded by its config, any stream length"}
             else:
                 per_frame = last.memory_bytes / last.frames
                 entry = {"frames_in_budget": int(budget / per_frame), "bytes_per_frame": per_frame}
                 if ours:
-                    same_memory = int(ours[-1].memory_bytes / per_frame)
+                    same_memory = int(ours_peak / per_frame)
                     entry.update(frames_in_livevlm_memory=same_memory,
                                  livevlm_ratio=ours[-1].frames / max(same_memory, 1))
                 out[name] = entry
         return out
+
+    def targets(self) -> dict[str, float | None]:
+        """The benchmark issue's targets as ratios from this run (None where a point was not measured)."""
+        def ttft(name: str, frames: int) -> float | None:
+            point = next((p for p in self.results.get(name, []) if p.frames == frames and not p.skipped), None)
+            return point.ttft_s["median"] if point else None
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return a / b if a is not None and b else None
+
+        ours = [p for p in self.results.get("livevlm", []) if not p.skipped]
+        clips = ours[-1].extra.get("ingest_s_all_clips", []) if ours else []
+        longest = max((p.frames for p in ours), default=None)
+        vanilla = self.max_frames().get("vanilla", {})
+        return {"vanilla_over_livevlm_ttft_256": ratio(ttft("vanilla", 256), ttft("livevlm", 256)),
+                "fullkv_over_livevlm_ttft_256": ratio(ttft("fullkv-retrieval", 256), ttft("livevlm", 256)),
+                "livevlm_longest_frames": longest,
+                "livevlm_ttft_longest_over_64": ratio(ttft("livevlm", longest), ttft("livevlm", 64)) if longest else None,
+                "livevlm_last_over_4th_clip_ingest": ratio(clips[-1], clips[3]) if len(clips) >= 5 else None,
+                "livevlm_frames_over_vanilla_frames_same_memory": vanilla.get("livevlm_ratio")}
 
     def table(self) -> str:
         lines = [f"{'system':<17} {'frames':>6} {'TTFT ms (min-max)':>22} {'decode tok/s':>12} {'ingest s/clip':>13} "
@@ -304,16 +357,20 @@ class Bench:
                              f"{p.memory_bytes / 2**20:>10.1f} {p.vision_tokens_prefilled:>20}")
         lines.append("")
         lines.append(f"frames held (KV budget {self.args.budget_gib} GiB; 'x' = livevlm's frames / frames this system "
-                     "holds in livevlm's memory):")
+                     "holds in livevlm's peak memory):")
         for name, entry in self.max_frames().items():
             if entry["frames_in_budget"] is None:
-                held = entry["note"] + (f" (held {entry['frames_held']} frames in {entry['memory_bytes'] / 2**20:.1f} MiB)"
+                held = entry["note"] + (f" (held {entry['frames_held']} frames, at most {entry['peak_memory_bytes'] / 2**20:.1f} MiB)"
                                         if "frames_held" in entry else "")
             else:
                 held = f"{entry['frames_in_budget']} frames in budget"
                 if "livevlm_ratio" in entry:
                     held += f"; {entry['frames_in_livevlm_memory']} in livevlm's memory -> {entry['livevlm_ratio']:.1f}x"
-            lines.append(f"  {name:<17} {held}")
+                lines.append(f"  {name:<17} {held}")
+        lines.append("")
+        lines.append("targets (ratios from this run):")
+        for key, value in self.targets().items():
+            lines.append(f"  {key:<48} {'not measured' if value is None else f'{value:.2f}'}")
         return "\n".join(lines)
 
     def save(self, out_dir: str, machine: str) -> str:
@@ -322,7 +379,7 @@ class Bench:
         path = os.path.join(out_dir, f"{stamp}-{machine}.json")
         data = {"date": stamp, "machine": machine, "platform": platform.platform(), "args": vars(self.args),
                 "results": {n: [p.__dict__ for p in ps] for n, ps in self.results.items()},
-                "max_frames": self.max_frames()}
+                "max_frames": self.max_frames(), "targets": self.targets()}
         with open(path, "w") as f:
             json.dump(data, f, indent=2, default=str)
         self._plot(path[:-5])
@@ -362,7 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-preset", default="bench", choices=["tiny", "bench", "0.5b", "7b"])
     parser.add_argument("--model", default=None, help="a checkpoint instead of a random preset model")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS))
-    parser.add_argument("--lengths", default="16,64,256,1024", help="stream lengths in frames")
+    parser.add_argument("--lengths", default="16,64,256", help="stream lengths in frames, every system")
+    parser.add_argument("--long-lengths", default="1024",
+                        help="longer stream lengths run only by the bounded-memory systems (livevlm, sliding-window)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--clip-frames", type=int, default=32)
     parser.add_argument("--answer-tokens", type=int, default=16)
@@ -372,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-vanilla-tokens", type=int, default=52000,
                         help="skip stock-vLLM points whose prompt would exceed this (time and memory)")
     parser.add_argument("--budget-gib", type=float, default=16.0, help="KV budget for the max-frames figure")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="torch-profile one more clip and one question of livevlm's longest stream into DIR")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--machine", default=None, help="name used in the output file (default: cpu-<cores> or the GPU)")
     parser.add_argument("--out", default="bench_results")
@@ -381,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
     args.lengths = sorted(int(x) for x in args.lengths.split(","))
+    args.long_lengths = sorted(int(x) for x in args.long_lengths.split(",") if x)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")
     model = args.model or ensure_tiny_model(os.path.join(os.path.expanduser("~/.cache/vllm-livevlm"), args.model_preset),
@@ -391,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         args.max_model_len = min(AutoConfig.from_pretrained(model).text_config.max_position_embeddings, 65536)
     machine = args.machine or _machine_name()
     bench = Bench(args)
-    total = len(args.systems) * len(args.lengths)
+    total = sum(len(bench.lengths_for(s)) for s in args.systems)
     with tqdm(total=total, desc="bench", unit="point") as bar:
         def progress(message: str) -> None:
             bar.set_postfix_str(message)
