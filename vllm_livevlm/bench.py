@@ -12,7 +12,9 @@ Every system runs on the same model, frames and questions, on this machine, in o
 Vanilla, vanilla-32 and recent-4 run as ordinary requests on the LiveVLM engine (its model variant runs
 vLLM's own Qwen2 math for them; prefix caching off, eager like every system here); vanilla-prefix needs
 prefix caching and runs on a second, stock engine. Timings exclude a warm-up; each figure is the median
-of `--reps` repetitions with min and max. Writes `bench_results/<date>-<machine>.json` and PNG plots.
+of `--reps` repetitions with min and max (`--long-prompt-reps` for stock-vLLM prompts over
+`--long-prompt-tokens`: those take minutes each on a CPU). Writes `bench_results/<date>-<machine>.json`
+and PNG plots.
 """
 
 from __future__ import annotations
@@ -196,12 +198,19 @@ class Bench:
             prompt = self._vanilla_prompt(tokenizer, frames)
             ttft, rate = [], []
             output = None
-            for _ in range(args.reps):
-                self.request += 1
-                first, decode, output = _timed_answer(engine, prompt, args.answer_tokens, f"bench-{self.request}", runner)
-                ttft.append(first)
-                rate.append(decode)
-                prefilled += len(output.prompt_token_ids)
+            reps = args.reps if tokens <= args.long_prompt_tokens else min(args.reps, args.long_prompt_reps)
+            try:
+                for _ in range(reps):
+                    self.request += 1
+                    first, decode, output = _timed_answer(engine, prompt, args.answer_tokens, f"bench-{self.request}",
+                                                          runner)
+                    ttft.append(first)
+                    rate.append(decode)
+                    prefilled += len(output.prompt_token_ids)
+            except Exception as e:  # e.g. out of KV cache: recorded, the other systems still run
+                points.append(Point(length, skipped=f"request failed: {str(e)[:160]}"))
+                progress(f"{name} {length} frames: skipped")
+                continue
             points.append(Point(length, spread(ttft), spread(rate), None, None,
                                 len(output.prompt_token_ids) * self.kv_bytes_per_token, prefilled,
                                 extra={"prompt_tokens": len(output.prompt_token_ids), "frames_used": len(frames)}))
@@ -354,7 +363,8 @@ class Bench:
                 ingest = f"{p.ingest_s_per_clip['median']:.2f}" if p.ingest_s_per_clip else "-"
                 lines.append(f"{name:<17} {p.frames:>6} {t['median'] * 1000:>8.0f} ({t['min'] * 1000:.0f}-{t['max'] * 1000:.0f})"
                              f"{'':>3} {p.decode_tokens_per_s['median']:>12.1f} {ingest:>13} "
-                             f"{p.memory_bytes / 2**20:>10.1f} {p.vision_tokens_prefilled:>20}")
+                             f"{p.memory_bytes / 2**20:>10.1f} {p.vision_tokens_prefilled:>20}"
+                             + (f"  (n={t['n']})" if t["n"] != self.args.reps else ""))
         lines.append("")
         lines.append(f"frames held (KV budget {self.args.budget_gib} GiB; 'x' = livevlm's frames / frames this system "
                      "holds in livevlm's peak memory):")
@@ -366,7 +376,7 @@ class Bench:
                 held = f"{entry['frames_in_budget']} frames in budget"
                 if "livevlm_ratio" in entry:
                     held += f"; {entry['frames_in_livevlm_memory']} in livevlm's memory -> {entry['livevlm_ratio']:.1f}x"
-                lines.append(f"  {name:<17} {held}")
+            lines.append(f"  {name:<17} {held}")
         lines.append("")
         lines.append("targets (ratios from this run):")
         for key, value in self.targets().items():
@@ -430,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's, at most 65536")
     parser.add_argument("--max-vanilla-tokens", type=int, default=52000,
                         help="skip stock-vLLM points whose prompt would exceed this (time and memory)")
+    parser.add_argument("--long-prompt-tokens", type=int, default=26000,
+                        help="stock-vLLM prompts longer than this run --long-prompt-reps times (minutes each on a CPU)")
+    parser.add_argument("--long-prompt-reps", type=int, default=2)
     parser.add_argument("--budget-gib", type=float, default=16.0, help="KV budget for the max-frames figure")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="torch-profile one more clip and one question of livevlm's longest stream into DIR")
