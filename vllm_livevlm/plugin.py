@@ -1,11 +1,15 @@
 """vLLM general plugin (`vllm.general_plugins` entry point `livevlm`).
 
 vLLM loads it in every process (API server, engine core, workers). It refuses to run on a vLLM it was not
-written against, applies the patches in `patches/`, and registers the LiveVLM model architectures.
-Idempotent: a second call in the same process does nothing.
+written against, applies the patches in `patches/`, registers the LiveVLM model architectures, and creates
+the secret that signs LiveVLM requests (in the first process that loads it: the engine core and workers
+it starts inherit it through the environment). Idempotent: a second call in the same process does nothing.
 """
 
 from __future__ import annotations
+
+import os
+import secrets
 
 from vllm_livevlm.log import get_logger
 
@@ -17,6 +21,8 @@ ARCHITECTURES = {
     "LiveVLMQwen2ForCausalLM": "vllm_livevlm.model.qwen2:LiveVLMQwen2ForCausalLM",
 }
 
+# The HMAC key of LiveVLM requests (`vllm_livevlm.connector.params`): inherited, never on a command line.
+SECRET_ENV = "LIVEVLM_REQUEST_SECRET"
 logger = get_logger(__name__)
 _registered = False
 
@@ -44,11 +50,12 @@ def check_vllm_version(version: str | None = None) -> str:
 
 
 def register() -> None:
-    """Entry point: version guard, patches, model registration."""
+    """Entry point: version guard, request secret, patches, model registration."""
     global _registered
     if _registered:
         return
     check_vllm_version()
+    os.environ.setdefault(SECRET_ENV, secrets.token_hex(32))
     import patches
     from vllm import ModelRegistry
 

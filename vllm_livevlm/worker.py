@@ -15,6 +15,7 @@ from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.connector import LiveVLMConnector, scheduler_connector
 from vllm_livevlm.connector.params import RequestKind
 from vllm_livevlm.connector.store import SessionStore
+from vllm_livevlm.measure import process_memory, reachable_storage_bytes
 
 
 def _connector() -> LiveVLMConnector:
@@ -27,7 +28,8 @@ def _connector() -> LiveVLMConnector:
 
 def _store() -> SessionStore:
     store = _connector().store
-    assert store is not None
+    if store is None:
+        raise RuntimeError("the LiveVLM session store lives on the workers (this is the scheduler's connector)")
     return store
 
 
@@ -73,6 +75,11 @@ class LiveVLMWorkerExtension:
                             for name, t in tensors.items()},
                 "page_tokens": memory.config.page_tokens, "retrieve_ratio": memory.config.retrieve_ratio,
                 "tokens_seen": memory.tokens_seen}
+
+    def livevlm_memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
+        """Measured, not computed (the benchmark's "measured" column): the distinct tensor storages the
+        session store holds, this process's RSS and, with CUDA, allocated / peak bytes."""
+        return {"store_storage_bytes": reachable_storage_bytes(_store()), **process_memory(reset_peak)}
 
     def livevlm_engine_stats(self) -> dict[str, Any]:
         """Store bytes and, when the scheduler shares this process (single-process engines), the paged

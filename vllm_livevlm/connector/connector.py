@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                 KVConnectorRole)
 
-from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
+from vllm_livevlm.connector.params import InvalidLiveVLMRequest, LiveVLMParams, RequestKind, request_secret
 from vllm_livevlm.connector.store import SessionStore
 from vllm_livevlm.connector.step import RequestSlots, StepRequests
 from vllm_livevlm.log import get_logger
@@ -47,18 +47,51 @@ def scheduler_connector() -> "LiveVLMConnector | None":
 class LiveVLMConnectorMetadata(KVConnectorMetadata):
     requests: list[RequestSlots] = field(default_factory=list)  # first (prefill) step of LiveVLM requests
     finished: list[str] = field(default_factory=list)           # finished LiveVLM requests (front-end ids)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (front-end id, why): scheduler-side failures
+
+
+def check_engine_settings(vllm_config: "VllmConfig") -> None:
+    """Refuse, at start, engine settings under which LiveVLM would serve wrong answers or lose clips. Every
+    engine process builds a connector (the workers before they load the model), so this covers every entry
+    point: `vllm-livevlm serve`, the Python API, `vllm serve` with the connector flags, Ray replicas."""
+    problems = []
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append("--enable-prefix-caching: every stream's placeholder prefix is the same tokens, so "
+                        "cached blocks would hand one stream's context to another (--no-enable-prefix-caching)")
+    if not vllm_config.scheduler_config.disable_chunked_mm_input:
+        problems.append("--disable-chunked-mm-input is required: a clip must be prefilled in one step (its "
+                        "vision-to-vision scores need all of its queries)")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        problems.append("--pipeline-parallel-size > 1: the hooks fill and capture every layer on one worker")
+    if vllm_config.parallel_config.data_parallel_size > 1:
+        problems.append("--data-parallel-size > 1: a stream's memory lives in one engine; run replicas "
+                        "(vllm-livevlm serve-ray) instead")
+    if not vllm_config.model_config.enforce_eager:
+        problems.append("--enforce-eager is required: compiled mode traces the Python attention hooks away, "
+                        "so clips would silently never be committed")
+    if problems:
+        raise ValueError("LiveVLM cannot run with these engine settings:\n- " + "\n- ".join(problems))
 
 
 class LiveVLMConnector(KVConnectorBase_V1):
+    """Scheduler-side methods never raise: a request whose LiveVLM claim fails verification is failed alone
+    (see `on_new_request`), and anything that goes wrong with a verified one is reported to the workers,
+    which fail that request (its front end gets the error from `livevlm_release`)."""
+
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None):
+        check_engine_settings(vllm_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         # scheduler side
+        self._secret = request_secret() if role == KVConnectorRole.SCHEDULER else b""
+        self._requests: dict[str, LiveVLMParams] = {}  # verified LiveVLM requests, by engine request id
+        self._rejected: dict[str, str] = {}            # engine request id -> why its claim was refused
         self._allocated: dict[str, tuple[LiveVLMParams, list[int], Request]] = {}
         # Sinks requests whose prompt the scheduler split over several steps (its token budget was short).
         self._prefilling: dict[str, tuple[LiveVLMParams, list[int], Request]] = {}
         self._finished: list[str] = []
+        self._failed: list[tuple[str, str]] = []
         self.kv_cache_manager = None
         # worker side
         self.store: SessionStore | None = SessionStore() if role == KVConnectorRole.WORKER else None
@@ -68,16 +101,45 @@ class LiveVLMConnector(KVConnectorBase_V1):
             _scheduler_connector = weakref.ref(self)
 
     # ==== scheduler side ================================================================================
+    def on_new_request(self, request: "Request") -> None:
+        """Verify a request's LiveVLM claim once, as it enters the scheduler.
+
+        A request whose `kv_transfer_params` are not a well-formed request signed by our front end (forged,
+        malformed, foreign) is failed alone: its parameters are stripped, so the scheduler and the workers
+        see a plain request that claims no external tokens (it never reads or writes any stream's memory,
+        never runs on unfilled slots); it decodes at most one token, and its output's `kv_transfer_params`
+        say `{"livevlm_error": why}`. vLLM 0.32 gives a connector no synchronous way to fail a request (load
+        failures come back from the workers after a step has run), so this is the cheapest closed path.
+        """
+        try:
+            params = LiveVLMParams.from_request(request.kv_transfer_params, self._secret)
+            if params is not None and params.context_tokens >= request.num_prompt_tokens:
+                raise InvalidLiveVLMRequest(f"{params.context_tokens} context tokens in a prompt of "
+                                            f"{request.num_prompt_tokens}: nothing left to compute")
+        except Exception as e:  # anything raised here would end the engine core
+            reason = str(e) if isinstance(e, InvalidLiveVLMRequest) else f"invalid LiveVLM request ({type(e).__name__})"
+            logger.warning("LiveVLM: request %s refused: %s", request.request_id, reason)
+            request.kv_transfer_params = None
+            request.max_tokens = min(request.max_tokens, 1)
+            self._rejected[request.request_id] = reason
+            return
+        if params is not None:
+            self._requests[request.request_id] = params
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
-        params = LiveVLMParams.from_request(request.kv_transfer_params)
+        params = self._requests.get(request.request_id)
         if params is None or params.kind == RequestKind.SINKS:
             return 0, False
         return max(params.context_tokens - num_computed_tokens, 0), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
-        params = LiveVLMParams.from_request(request.kv_transfer_params)
-        if params is not None:
+        params = self._requests.get(request.request_id)
+        if params is None:
+            return
+        try:
             self._allocated[request.request_id] = (params, list(blocks.get_block_ids()[0]), request)
+        except Exception as e:
+            self._fail(params, f"block allocation not readable ({type(e).__name__}: {e})")
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = LiveVLMConnectorMetadata(finished=self._finished)
@@ -86,28 +148,49 @@ class LiveVLMConnector(KVConnectorBase_V1):
         # so their context slots are filled again). Called before the scheduler advances
         # `num_computed_tokens`, which therefore still counts the claimed placeholders only.
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
-            entry = self._allocated.pop(req_id, None)
-            if entry is None and req_id in self._prefilling:
-                # A later chunk: the request has grown blocks since it was allocated.
-                params, _, request = self._prefilling.pop(req_id)
-                entry = (params, list(self.kv_cache_manager.get_blocks(req_id).get_block_ids()[0]), request)
-            if entry is None:
+            try:
+                slots = self._slots(req_id, num_scheduled)
+            except Exception as e:
+                params = self._requests.get(req_id)
+                if params is not None:
+                    self._fail(params, f"could not describe the step ({type(e).__name__}: {e})")
                 continue
-            params, block_ids, request = entry
-            computed = request.num_computed_tokens
-            if params.kind == RequestKind.SINKS and computed + num_scheduled < request.num_prompt_tokens:
-                self._prefilling[req_id] = entry  # its next chunk is captured too
-            meta.requests.append(RequestSlots(
-                req_id=req_id, params=params, block_ids=block_ids, num_computed=computed,
-                num_scheduled=num_scheduled, num_prompt=request.num_prompt_tokens, block_size=self.block_size))
+            if slots is not None:
+                meta.requests.append(slots)
+        meta.failed, self._failed = self._failed, []
         return meta
 
+    def _slots(self, req_id: str, num_scheduled: int) -> RequestSlots | None:
+        """The slot layout of a LiveVLM request scheduled this step (None: not one, or not its first step)."""
+        entry = self._allocated.pop(req_id, None)
+        if entry is None and req_id in self._prefilling:
+            # A later chunk: the request has grown blocks since it was allocated.
+            params, _, request = self._prefilling.pop(req_id)
+            entry = (params, list(self.kv_cache_manager.get_blocks(req_id).get_block_ids()[0]), request)
+        if entry is None:
+            return None
+        params, block_ids, request = entry
+        computed = request.num_computed_tokens
+        if params.kind == RequestKind.SINKS and computed + num_scheduled < request.num_prompt_tokens:
+            self._prefilling[req_id] = entry  # its next chunk is captured too
+        return RequestSlots(req_id=req_id, params=params, block_ids=block_ids, num_computed=computed,
+                            num_scheduled=num_scheduled, num_prompt=request.num_prompt_tokens,
+                            block_size=self.block_size)
+
+    def _fail(self, params: LiveVLMParams, reason: str) -> None:
+        logger.error("LiveVLM: request %s of stream %s failed: %s", params.request_id, params.stream_id, reason)
+        self._failed.append((params.request_id, reason))
+
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        params = LiveVLMParams.from_request(request.kv_transfer_params)
+        req_id = request.request_id
+        rejected = self._rejected.pop(req_id, None)
+        if rejected is not None:
+            return False, {"livevlm_error": rejected}
+        params = self._requests.pop(req_id, None)
         if params is None:
             return False, None
-        self._allocated.pop(request.request_id, None)
-        self._prefilling.pop(request.request_id, None)
+        self._allocated.pop(req_id, None)
+        self._prefilling.pop(req_id, None)
         self._finished.append(params.request_id)
         return False, None
 
@@ -118,16 +201,25 @@ class LiveVLMConnector(KVConnectorBase_V1):
     def step_requests(self, forward_context: "ForwardContext | None" = None) -> StepRequests | None:
         """This step's LiveVLM requests, with their rows in the batch (built once per step)."""
         if self._step is None:
-            if not self.has_connector_metadata():
-                return None
-            meta = self._get_connector_metadata()
-            assert isinstance(meta, LiveVLMConnectorMetadata)
-            if not meta.requests:
+            meta = self._metadata()
+            if meta is None or not meta.requests or self.store is None:
                 return None
             from vllm.forward_context import get_forward_context
 
-            self._step = StepRequests(meta.requests, self.store, forward_context or get_forward_context())
+            try:
+                self._step = StepRequests(meta.requests, self.store, forward_context or get_forward_context())
+            except Exception as e:  # never end the engine: fail this step's LiveVLM requests instead
+                logger.exception("LiveVLM: could not prepare the step")
+                for req in meta.requests:
+                    self.store.fail_request(req.params.request_id, f"step preparation failed: {type(e).__name__}")
+                return None
         return self._step
+
+    def _metadata(self) -> LiveVLMConnectorMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, LiveVLMConnectorMetadata) else None
 
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
         """Commit a host-memory KV pool at start: CPU tensors get their pages on first write, so without this
@@ -152,11 +244,18 @@ class LiveVLMConnector(KVConnectorBase_V1):
         return None
 
     def wait_for_save(self) -> None:
-        assert self.store is not None
-        if self.has_connector_metadata():
-            meta = self._get_connector_metadata()
-            assert isinstance(meta, LiveVLMConnectorMetadata)
-            self.store.release(meta.finished)
-        if self._step is not None:
-            self._step.commit()
-            self._step = None
+        """After the last layer: record scheduler-side failures, unpin finished requests, commit this step's
+        clips. Never raises (`StepRequests.commit` fails requests one by one)."""
+        step, self._step = self._step, None
+        if self.store is None:
+            return
+        try:
+            meta = self._metadata()
+            if meta is not None:
+                for req_id, reason in meta.failed:
+                    self.store.fail_request(req_id, reason)
+                self.store.release(meta.finished)
+            if step is not None:
+                step.commit()
+        except Exception:
+            logger.exception("LiveVLM: wait_for_save failed")

@@ -18,13 +18,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
+from vllm_livevlm.log import get_logger
 from vllm_livevlm.memory import retrieval
+from vllm_livevlm.memory.scoring import vision_scores
 from vllm_livevlm.memory.stream import ClipKV, StreamMemory
 
 if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
 
     from vllm_livevlm.connector.store import SessionStore
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -49,92 +53,131 @@ class RequestSlots:
 class _Active:
     slots: RequestSlots
     rows: slice
-    memory: StreamMemory | None
+    memory: StreamMemory | None  # the snapshot it reads (clip, question); None for sinks and failed requests
     fill_context: bool
+    failed: str | None = None    # why: its context slots are blanked, nothing is captured or committed
     captured_k: dict[int, torch.Tensor] = field(default_factory=dict)
     captured_v: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     scored_context_k: dict[int, torch.Tensor] = field(default_factory=dict)
     context_slots: torch.Tensor | None = None
-    retrieved: dict[int, list[int]] = field(default_factory=dict)  # question: pages read per layer
+    retrieved: dict[int, torch.Tensor] = field(default_factory=dict)  # question: pages read per layer (device)
     retrieval_seconds: float = 0.0
 
 
 class StepRequests:
+    """Total: whatever goes wrong with one request (an unknown stream or version, an inconsistent request,
+    an exception or out-of-memory in a hook or at commit) fails that request alone. A failed request's
+    context slots are written with zeros on every later layer, so it never attends to what the blocks held
+    before; the store records the failure and `livevlm_release` reports it to the front end, which
+    discards the output. The stream's memory is untouched (a commit is all or nothing)."""
+
     def __init__(self, requests: list[RequestSlots], store: "SessionStore", forward_context: "ForwardContext"):
         self.store = store
         slot_mapping = _any_slot_mapping(forward_context)
         self.device = slot_mapping.device
         self.active: list[_Active] = []
         for req in requests:
-            first = req.slots(req.num_computed, req.num_computed + 1, self.device)
-            hit = (slot_mapping == first).nonzero()
-            if hit.numel() == 0:
-                continue  # not in this forward (e.g. a dummy or partial batch)
-            row = int(hit[0, 0])
-            params = req.params
-            memory = None
-            problem = None
-            if not store.is_open(params.stream_id) and not store.holds(params.stream_id, params.version):
-                continue  # its stream was closed (and, for a clip or question, its pin released): output unused
-            if params.kind != RequestKind.SINKS:
-                memory = store.snapshot(params.stream_id, params.version)
+            try:
+                active = self._activate(req, slot_mapping)
+            except Exception as e:
+                self.store.fail_request(req.params.request_id, f"step preparation failed: {type(e).__name__}: {e}")
+                logger.exception("LiveVLM: request %s", req.params.request_id)
+                continue
+            if active is not None:
+                self.active.append(active)
+
+    def _activate(self, req: RequestSlots, slot_mapping: torch.Tensor) -> _Active | None:
+        first = req.slots(req.num_computed, req.num_computed + 1, self.device)
+        hit = (slot_mapping == first).nonzero()
+        if hit.numel() == 0:
+            return None  # not in this forward (e.g. a dummy or partial batch)
+        row = int(hit[0, 0])
+        params = req.params
+        if params.kind == RequestKind.SINKS and not self.store.is_open(params.stream_id):
+            return None  # closed while its sinks were in flight: no context to fill, nothing will be kept
+        memory = None
+        problem = None
+        if params.kind != RequestKind.SINKS:
+            try:
+                memory = self.store.snapshot(params.stream_id, params.version)
+            except (KeyError, ValueError) as e:  # unknown stream or a version no longer (or never) held
+                problem = str(e)
+            else:
                 expected = (memory.clip_context_tokens if params.kind == RequestKind.CLIP
                             else memory.question_context_tokens)
                 if params.context_tokens != expected:
                     problem = (f"{params.context_tokens} placeholder tokens but version {params.version} "
                                f"needs {expected}")
-            if params.kind == RequestKind.CLIP and req.num_computed + req.num_scheduled != req.num_prompt:
-                problem = (f"a clip must be prefilled in one step ({req.num_prompt - req.num_computed} tokens, "
-                           f"{req.num_scheduled} scheduled): raise --max-num-batched-tokens and keep "
-                           "--disable-chunked-mm-input")
-            if problem is not None:
-                # Never take the engine down for one stream: the stream fails, its requests report it.
-                store.fail(params.stream_id, f"request {params.request_id}: {problem}")
-                continue
-            fill = params.kind != RequestKind.SINKS and req.num_computed == params.context_tokens
-            active = _Active(req, slice(row, row + req.num_scheduled), memory, fill)
-            if fill:
-                active.context_slots = req.slots(0, params.context_tokens, self.device)
-            self.active.append(active)
+        if params.kind == RequestKind.CLIP and req.num_computed + req.num_scheduled != req.num_prompt:
+            problem = (f"a clip must be prefilled in one step ({req.num_prompt - req.num_computed} tokens, "
+                       f"{req.num_scheduled} scheduled): raise --max-num-batched-tokens and keep "
+                       "--disable-chunked-mm-input")
+        fill = params.kind != RequestKind.SINKS and req.num_computed == params.context_tokens
+        active = _Active(req, slice(row, row + req.num_scheduled), memory, fill)
+        if fill:
+            active.context_slots = req.slots(0, params.context_tokens, self.device)
+        if problem is not None:
+            self._fail(active, problem)
+        return active
+
+    def _fail(self, a: _Active, reason: str) -> None:
+        params = a.slots.params
+        if a.failed is None:
+            logger.error("LiveVLM: request %s of stream %s failed: %s", params.request_id, params.stream_id, reason)
+            self.store.fail_request(params.request_id, reason)
+        a.failed, a.memory = reason, None
+        a.captured_k.clear()
+        a.captured_v.clear()
+        a.scores.clear()
 
     # ---- per layer, called by LiveVLMQwen2Attention ---------------------------------------------------------
     def before_attention(self, layer: int, attn, rotary_emb, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor) -> None:
-        heads, dim = attn.num_kv_heads, attn.head_size
         for a in self.active:
-            kind = a.slots.params.kind
-            if kind in (RequestKind.SINKS, RequestKind.CLIP):
-                a.captured_k[layer] = k[a.rows].reshape(-1, heads, dim).clone()
-                a.captured_v[layer] = v[a.rows].reshape(-1, heads, dim).clone()
-            if not a.fill_context or a.slots.params.context_tokens == 0:
-                continue
-            assert a.memory is not None and a.context_slots is not None
-            if kind == RequestKind.CLIP:
-                ctx_k, ctx_v = a.memory.clip_context(layer)
-            else:
-                ctx_k, ctx_v = a.memory.question_context(layer, self._retrieve(a, layer, attn, q))
-            rotated = ctx_k.reshape(ctx_k.shape[0], heads * dim).clone()
-            positions = torch.arange(rotated.shape[0], device=rotated.device)
-            rotary_emb(positions, rotated, None)  # rotate once from raw, in place, same kernel as the model
-            rotated = rotated.view(-1, heads, dim)
-            attn.impl.do_kv_cache_update(attn, rotated, ctx_v.contiguous(), attn.kv_cache, a.context_slots)
-            if kind == RequestKind.CLIP:
-                start, stop = a.memory.scored_context_range()
-                a.scored_context_k[layer] = rotated[start:stop]
+            if a.failed is None:
+                try:
+                    self._before_attention(a, layer, attn, rotary_emb, q, k, v)
+                except Exception as e:  # includes out-of-memory
+                    self._fail(a, f"layer {layer}: {type(e).__name__}: {e}")
+            if a.failed is not None:
+                _blank(a, attn, k)
 
-    def _retrieve(self, a: _Active, layer: int, attn, q: torch.Tensor) -> torch.Tensor | None:
+    def _before_attention(self, a: _Active, layer: int, attn, rotary_emb, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor) -> None:
+        heads, dim = attn.num_kv_heads, attn.head_size
+        kind = a.slots.params.kind
+        if kind in (RequestKind.SINKS, RequestKind.CLIP):
+            a.captured_k[layer] = k[a.rows].reshape(-1, heads, dim).clone()
+            a.captured_v[layer] = v[a.rows].reshape(-1, heads, dim).clone()
+        if not a.fill_context or a.slots.params.context_tokens == 0 or a.memory is None:
+            return
+        if kind == RequestKind.CLIP:
+            ctx_k, ctx_v = a.memory.clip_context(layer)
+        else:
+            ctx_k, ctx_v = a.memory.question_context(layer, self._retrieve(a, a.memory, layer, attn, q))
+        rotated = ctx_k.reshape(ctx_k.shape[0], heads * dim).clone()
+        positions = torch.arange(rotated.shape[0], device=rotated.device)
+        rotary_emb(positions, rotated, None)  # rotate once from raw, in place, same kernel as the model
+        rotated = rotated.view(-1, heads, dim)
+        attn.impl.do_kv_cache_update(attn, rotated, ctx_v.contiguous(), attn.kv_cache, a.context_slots)
+        if kind == RequestKind.CLIP:
+            start, stop = a.memory.scored_context_range()
+            a.scored_context_k[layer] = rotated[start:stop]
+
+    def _retrieve(self, a: _Active, memory: StreamMemory, layer: int, attn, q: torch.Tensor) -> torch.Tensor | None:
         """PaR for one question and layer: the long-term token indices to place (None: all of them)."""
-        assert a.memory is not None
-        layout = a.memory.page_layout
+        layout = memory.page_layout
         if layout.reads_everything:
-            a.retrieved[layer] = list(range(layout.num_pages))
+            a.retrieved[layer] = torch.arange(layout.num_pages, device=self.device)
             return None
         start = time.perf_counter()
         query = retrieval.average_query(q[a.rows].reshape(-1, attn.num_heads, attn.head_size), attn.num_kv_heads)
-        scores = _sum_over_ranks(retrieval.page_scores(query, a.memory.ltm_summary[layer]))
+        scores = _sum_over_ranks(retrieval.page_scores(query, memory.ltm_summary[layer]))
         pages = retrieval.top_pages(scores, layout.full_pages_read)
-        a.retrieved[layer] = pages.tolist() + ([layout.num_full_pages] if layout.tail_tokens else [])
+        # Kept on the device: the report is read once, after the last layer (`_commit`).
+        a.retrieved[layer] = torch.cat([pages, torch.arange(layout.num_full_pages, layout.num_pages,
+                                                            device=pages.device)])
         index = retrieval.token_index(pages, layout)
         a.retrieval_seconds += time.perf_counter() - start
         return index
@@ -143,74 +186,81 @@ class StepRequests:
         """Vision-to-vision scores of a clip: its last vision queries against all cached vision keys."""
         heads, dim = attn.num_kv_heads, attn.head_size
         for a in self.active:
-            if a.slots.params.kind != RequestKind.CLIP:
+            if a.slots.params.kind != RequestKind.CLIP or a.failed is not None or a.memory is None:
                 continue
-            clip_q = q[a.rows].reshape(-1, attn.num_heads, dim)
-            clip_k = k[a.rows].reshape(-1, heads, dim)
-            context_k = a.scored_context_k.get(layer, clip_k[:0])
-            assert a.memory is not None
-            a.scores[layer] = vision_scores(clip_q, clip_k, context_k, a.memory.config.score_queries,
-                                            attn.impl.scale)
+            try:
+                clip_q = q[a.rows].reshape(-1, attn.num_heads, dim)
+                clip_k = k[a.rows].reshape(-1, heads, dim)
+                context_k = a.scored_context_k.get(layer, clip_k[:0])
+                a.scores[layer] = vision_scores(clip_q, clip_k, context_k, a.memory.config.score_queries,
+                                                attn.impl.scale)
+            except Exception as e:  # includes out-of-memory
+                self._fail(a, f"layer {layer} scores: {type(e).__name__}: {e}")
 
     # ---- after the last layer --------------------------------------------------------------------------------
     def commit(self) -> list[str]:
+        """Commit each clip (and sinks prefix) of the step; returns the streams that got a new version."""
         committed = []
         for a in self.active:
-            params = a.slots.params
-            if params.kind == RequestKind.QUESTION:
-                if a.retrieved:
-                    assert a.memory is not None
-                    self.store.record_retrieval(params.request_id, {
-                        "pages": {layer: a.memory.page_frames(layer, pages) for layer, pages in a.retrieved.items()},
-                        "page_indices": dict(a.retrieved), "seconds": a.retrieval_seconds})
+            if a.failed is not None:
                 continue
-            if not a.captured_k:
-                continue
-            layers = sorted(a.captured_k)
-            k = torch.stack([a.captured_k[i] for i in layers])
-            v = torch.stack([a.captured_v[i] for i in layers])
-            if not self.store.is_open(params.stream_id):
-                continue  # closed while this clip or sinks prefix was in flight: nothing to keep
-            config = self.store.config(params.stream_id)
-            if params.kind == RequestKind.SINKS:
-                complete = a.slots.num_computed + a.slots.num_scheduled >= a.slots.num_prompt
-                prefix = self.store.gather_sink_chunks(params.request_id, k, v, complete)
-                if prefix is None:
-                    continue  # the rest of the chunked prefix comes with a later step
-                memory = StreamMemory.from_sinks(config, *prefix)
-            else:
-                assert a.memory is not None
-                num_tokens = k.shape[1]
-                per_frame = (num_tokens - 1) // params.num_frames  # one newline token closes a video
-                offsets = torch.clamp(torch.arange(num_tokens, device=k.device) // per_frame, max=params.num_frames - 1)
-                scores = torch.stack([a.scores[i] for i in layers])
-                memory = a.memory.commit_clip(ClipKV(k, v, params.frame_start + offsets, scores),
-                                              _sum_over_ranks)
-            self.store.commit(params.stream_id, memory)
-            committed.append(params.stream_id)
+            try:
+                if self._commit(a):
+                    committed.append(a.slots.params.stream_id)
+            except Exception as e:  # the store keeps its last version: a commit is all or nothing
+                self._fail(a, f"commit: {type(e).__name__}: {e}")
         return committed
 
+    def _commit(self, a: _Active) -> bool:
+        params = a.slots.params
+        if params.kind == RequestKind.QUESTION:
+            if a.retrieved and a.memory is not None:
+                layers = sorted(a.retrieved)
+                pages = torch.stack([a.retrieved[layer] for layer in layers])  # [layers, pages read]
+                # One device-to-host transfer per question: page numbers with their first and last frames.
+                rows = torch.cat([pages.unsqueeze(-1), a.memory.page_frames(layers, pages)], dim=-1).tolist()
+                self.store.record_retrieval(params.request_id, {
+                    "pages": {layer: [(first, last) for _, first, last in row] for layer, row in zip(layers, rows)},
+                    "page_indices": {layer: [page for page, _, _ in row] for layer, row in zip(layers, rows)},
+                    "seconds": a.retrieval_seconds})
+            return False
+        if not a.captured_k:
+            return False
+        layers = sorted(a.captured_k)
+        k = torch.stack([a.captured_k[i] for i in layers])
+        v = torch.stack([a.captured_v[i] for i in layers])
+        if not self.store.is_open(params.stream_id):
+            return False  # closed while this clip or sinks prefix was in flight: nothing to keep
+        config = self.store.config(params.stream_id)
+        if params.kind == RequestKind.SINKS:
+            complete = a.slots.num_computed + a.slots.num_scheduled >= a.slots.num_prompt
+            prefix = self.store.gather_sink_chunks(params.request_id, k, v, complete)
+            if prefix is None:
+                return False  # the rest of the chunked prefix comes with a later step
+            memory = StreamMemory.from_sinks(config, *prefix)
+        else:
+            if a.memory is None or len(a.scores) != len(layers):
+                raise ValueError("the clip was not scored on every layer")
+            num_tokens = k.shape[1]
+            per_frame = (num_tokens - 1) // params.num_frames  # one newline token closes a video
+            if per_frame < 1:
+                raise ValueError(f"{num_tokens} clip tokens for {params.num_frames} frames")
+            offsets = torch.clamp(torch.arange(num_tokens, device=k.device) // per_frame, max=params.num_frames - 1)
+            scores = torch.stack([a.scores[i] for i in layers])
+            memory = a.memory.commit_clip(ClipKV(k, v, params.frame_start + offsets, scores), _sum_over_ranks)
+        self.store.commit(params.stream_id, memory)
+        return True
 
-def vision_scores(clip_q: torch.Tensor, clip_k: torch.Tensor, context_k: torch.Tensor, num_queries: int,
-                  scale: float) -> torch.Tensor:
-    """Scores [n_context + T, H] per KV head: softmax attention of the clip's last `num_queries` vision
-    queries (the trailing newline token excluded) over the context vision keys and the clip's keys
-    (causal inside the clip), averaged over those queries and the query heads of each KV head."""
-    num_tokens, num_heads, dim = clip_q.shape
-    kv_heads = clip_k.shape[1]
-    last = num_tokens - 1  # the newline token that closes the video
-    first = max(last - num_queries, 0)
-    queries = clip_q[first:last].float()                          # [r, Hq, D]
-    keys = torch.cat([context_k, clip_k]).float()                 # [n, H, D]
-    keys = keys.repeat_interleave(num_heads // kv_heads, dim=1)   # [n, Hq, D]
-    logits = torch.einsum("rhd,nhd->hrn", queries, keys) * scale  # [Hq, r, n]
-    n_context = context_k.shape[0]
-    query_index = torch.arange(first, last, device=clip_q.device)
-    key_index = torch.arange(num_tokens, device=clip_q.device)
-    future = key_index.view(1, -1) > query_index.view(-1, 1)      # [r, T]
-    logits[:, :, n_context:].masked_fill_(future, float("-inf"))
-    probs = logits.softmax(dim=-1).mean(dim=1)                    # [Hq, n]
-    return probs.view(kv_heads, num_heads // kv_heads, -1).mean(dim=1).transpose(0, 1).contiguous()
+
+def _blank(a: _Active, attn, k: torch.Tensor) -> None:
+    """Zeros in a failed request's context slots on this layer: it must not attend to stale KV."""
+    if a.context_slots is None or a.context_slots.numel() == 0:
+        return
+    try:
+        zeros = k.new_zeros(a.context_slots.numel(), attn.num_kv_heads, attn.head_size)
+        attn.impl.do_kv_cache_update(attn, zeros, zeros, attn.kv_cache, a.context_slots)
+    except Exception:
+        logger.exception("LiveVLM: could not blank the context slots of a failed request")
 
 
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:

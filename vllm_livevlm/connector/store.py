@@ -17,10 +17,10 @@ import torch
 
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import RequestKind
-from vllm_livevlm.memory.stream import StreamMemory
+from vllm_livevlm.memory.stream import StreamMemory, held_bytes
 
 
-MAX_UNCLAIMED_REPORTS = 1024
+MAX_UNCLAIMED_REPORTS = 1024  # retrieval reports, and failed requests, waiting for the front end
 
 
 class StreamNotFound(KeyError):
@@ -55,6 +55,8 @@ class SessionStore:
         self._req_stream: dict[str, str] = {}
         # Retrieval reports wait for the front end to fetch them; bounded in case one never does.
         self._retrieval_reports: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Requests the step failed alone (their stream is fine): why, until the front end releases them.
+        self._request_failures: OrderedDict[str, str] = OrderedDict()
         self._sink_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -73,7 +75,7 @@ class SessionStore:
             stream = self._streams.get(stream_id)
             if stream is None or stream.closed:
                 return 0
-            freed = sum(m.nbytes for m in stream.versions.values())
+            freed = held_bytes(stream.versions.values())
             stream.closed = True
             self._drop_unpinned(stream_id, stream)
             return freed
@@ -84,6 +86,13 @@ class SessionStore:
             stream = self._streams.get(stream_id)
             if stream is not None and stream.failure is None:
                 stream.failure = reason
+
+    def fail_request(self, req_id: str, reason: str) -> None:
+        """Mark one request as failed (its output must not be used); `failure_of` reports it."""
+        with self._lock:
+            self._request_failures.setdefault(req_id, reason)
+            while len(self._request_failures) > MAX_UNCLAIMED_REPORTS:
+                self._request_failures.popitem(last=False)
 
     def gather_sink_chunks(self, req_id: str, k: torch.Tensor, v: torch.Tensor,
                            complete: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -149,7 +158,12 @@ class SessionStore:
             return {r: self._retrieval_reports.pop(r) for r in req_ids if r in self._retrieval_reports}
 
     def failure_of(self, req_id: str) -> str | None:
-        """Why the stream of a pinned request failed, if it did."""
+        """Why a request failed (reported once: the front end asks as it releases the request; the engine's
+        own release of a finished request may come first), or why the stream of a pinned request did."""
+        with self._lock:
+            failure = self._request_failures.pop(req_id, None)
+        if failure is not None:
+            return failure
         stream = self._streams.get(self._req_stream.get(req_id, ""))
         return stream.failure if stream is not None else None
 
@@ -186,7 +200,7 @@ class SessionStore:
         stream = self._get(stream_id)
         latest = stream.latest
         stats = latest.stats() if latest is not None else {"version": 0, "bytes": 0}
-        stats["bytes_all_versions"] = sum(m.nbytes for m in stream.versions.values())
+        stats["bytes_all_versions"] = held_bytes(stream.versions.values())  # versions share tensors
         stats["last_use"] = stream.last_use
         stats["retrievals"] = stream.retrievals
         stats["retrieval_seconds_total"] = stream.retrieval_seconds
@@ -195,7 +209,7 @@ class SessionStore:
 
     def total_bytes(self) -> int:
         with self._lock:
-            return sum(m.nbytes for s in self._streams.values() for m in s.versions.values())
+            return held_bytes(m for s in self._streams.values() for m in s.versions.values())
 
     def stream_ids(self) -> list[str]:
         """Open streams (closed ones whose last requests are still in the engine are not listed)."""
