@@ -1,27 +1,95 @@
-"""Decode what clients upload as frames: JPEG/PNG images (bytes or base64) and short video files."""
+"""Decode what clients upload as frames (JPEG/PNG images, bytes or base64, and short mp4/webm videos), checking
+what each costs before it is decoded: image sizes from the header, video sizes and frame counts from the
+container, then every decoded frame again. Frames are shrunk on arrival to what the model's processor
+consumes, so a stream's memory is set by the model and not by the client's camera. Decoding runs on a
+bounded worker pool, off the event loop that serves every client."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
 import numpy as np
 
 from vllm_livevlm.serving.errors import APIError
 
-VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "application/octet-stream")
+if TYPE_CHECKING:
+    from vllm_livevlm.serving.service import ServerLimits
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8"  # start of image
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # webm / mkv
+# The box types an ISO-BMFF file (mp4 / mov) starts with. Only these containers are handed to FFmpeg, which
+# would otherwise also open playlists and concat scripts that name other files or URLs.
+BMFF_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide")
+# JPEG start-of-frame markers (they carry the frame size); C4, C8 and CC share the range but are not frames.
+JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+T = TypeVar("T")
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """JPEG/PNG bytes ⇒ [H, W, 3] RGB uint8."""
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise APIError(400, f"{name} is not a decodable JPEG or PNG image", "frames")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file or base64 item, not decoded yet."""
+
+    data: bytes
+    name: str     # how errors name it: "file 'a.png'", "frames[3]", "video"
+    video: bool
+
+
+def image_dimensions(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from a JPEG or PNG header, without decoding: 415 for any other format, 400 when the
+    header is cut short or states no size."""
+    if data.startswith(PNG_MAGIC):
+        size = _png_size(data)
+    elif data.startswith(JPEG_MAGIC):
+        size = _jpeg_size(data)
+    else:
+        raise APIError(415, f"{name} is not a JPEG or PNG image (only those two are accepted)", "frames")
+    if size is None or 0 in size:
+        raise APIError(400, f"{name} has no readable size in its header (truncated or not a valid image)", "frames")
+    return size
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """The IHDR chunk, always first: length, b"IHDR", width, height (big-endian)."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Walk the marker segments up to the first start-of-frame; its payload is precision, height, width."""
+    i, n = 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        i += 2
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers: no length
+            continue
+        if marker in (0xD9, 0xDA) or i + 2 > n:  # end of image or scan data before any frame size
+            return None
+        if marker in JPEG_SOF:
+            if i + 7 > n:
+                return None
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 3:i + 5], "big")
+        length = int.from_bytes(data[i:i + 2], "big")
+        if length < 2:
+            return None
+        i += length
+    return None
 
 
 def decode_base64(text: str, name: str) -> bytes:
@@ -35,30 +103,130 @@ def decode_base64(text: str, name: str) -> bytes:
         raise APIError(400, f"{name} is not valid base64", "frames") from None
 
 
-def decode_video(data: bytes, name: str, max_frames: int) -> np.ndarray:
-    """A short video file (mp4/webm/...) ⇒ [T, H, W, 3] RGB uint8, decoded with OpenCV (FFmpeg)."""
-    with tempfile.NamedTemporaryFile(suffix=".video") as f:
-        f.write(data)
-        f.flush()
-        capture = cv2.VideoCapture(f.name)
-        frames = []
-        try:
-            while True:
-                ok, frame = capture.read()
-                if not ok:
-                    break
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-                if len(frames) > max_frames:
-                    raise APIError(413, f"{name} has more than {max_frames} frames (the per-request limit)", "frames")
-        finally:
-            capture.release()
-    if not frames:
-        raise APIError(400, f"{name} is not a video that can be decoded (mp4 or webm expected)", "frames")
-    return np.stack(frames)
-
-
 def is_video(content_type: str | None, filename: str | None) -> bool:
     content_type = (content_type or "").split(";")[0].strip().lower()
     if content_type.startswith("video/"):
         return True
     return bool(filename) and os.path.splitext(filename)[1].lower() in VIDEO_SUFFIXES
+
+
+class FrameDecoder:
+    """Uploads ⇒ one `[T, H, W, 3]` RGB uint8 array, within the server's limits, on `decode_workers` threads.
+
+    At most `decode_workers + max_decode_queue` requests are decoding or waiting at once; the next one is
+    refused with 429, so a flood costs neither unbounded memory nor unbounded queued work."""
+
+    def __init__(self, limits: ServerLimits, processor_side: int):
+        self.limits = limits
+        self.processor_side = processor_side  # the model's vision input (SigLIP `image_size`)
+        self.capacity = limits.decode_workers + limits.max_decode_queue
+        self._pool = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="livevlm-decode")
+        self._admitted = 0
+
+    async def decode(self, uploads: list[Upload]) -> np.ndarray:
+        return await self.run(self.decode_now, uploads)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the pool; 429 when it is full. A cancelled caller's job is dropped if it has not
+        started, and its place is given back only once the job is over (running jobs cannot be stopped)."""
+        if self._admitted >= self.capacity:
+            raise APIError(429, f"{self._admitted} uploads are being decoded or waiting (decode_workers "
+                                f"{self.limits.decode_workers} + max_decode_queue {self.limits.max_decode_queue}): "
+                                "retry shortly", "frames")
+        loop = asyncio.get_running_loop()
+        job = self._pool.submit(fn, *args)
+        self._admitted += 1
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        return await asyncio.wrap_future(job)
+
+    def _release(self) -> None:
+        self._admitted -= 1
+
+    def decode_now(self, uploads: list[Upload]) -> np.ndarray:
+        """Every image header is checked before anything is decoded; videos are checked from their container
+        and frame by frame; the frames of one request must share one size (after shrinking)."""
+        max_frames = self.limits.max_frames_per_request
+        if sum(not u.video for u in uploads) > max_frames:
+            raise APIError(413, f"more than {max_frames} frames in one request (the per-request limit)", "frames")
+        for upload in uploads:
+            if not upload.video:
+                self.check_size(*image_dimensions(upload.data, upload.name), upload.name)
+        frames: list[np.ndarray] = []
+        images_left = sum(not u.video for u in uploads)
+        for upload in uploads:
+            if upload.video:
+                frames += self.video(upload.data, upload.name, max_frames - len(frames) - images_left)
+            else:
+                frames.append(self.image(upload.data, upload.name))
+                images_left -= 1
+        if not frames:
+            raise APIError(400, "the request carries no frames", "frames")
+        shapes = sorted({f.shape[:2] for f in frames})
+        if len(shapes) > 1:
+            raise APIError(422, f"frames of one request must share one size, got {shapes}", "frames")
+        return np.stack(frames)
+
+    def check_size(self, width: int, height: int, name: str) -> None:
+        limits = self.limits
+        if max(width, height) > limits.max_frame_side:
+            raise APIError(413, f"{name} is {width}x{height} pixels: over max_frame_side ({limits.max_frame_side} "
+                                "pixels on a side)", "frames")
+        if width * height > limits.max_frame_pixels:
+            raise APIError(413, f"{name} is {width}x{height} pixels: over max_frame_pixels "
+                                f"({limits.max_frame_pixels} pixels)", "frames")
+
+    def image(self, data: bytes, name: str) -> np.ndarray:
+        """A JPEG/PNG ⇒ [H, W, 3] RGB, its header size checked first."""
+        self.check_size(*image_dimensions(data, name), name)
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise APIError(400, f"{name} is not a decodable JPEG or PNG image", "frames")
+        self.check_size(image.shape[1], image.shape[0], name)  # EXIF orientation may swap the sides
+        return cv2.cvtColor(self.shrink(image), cv2.COLOR_BGR2RGB)
+
+    def video(self, data: bytes, name: str, max_frames: int) -> list[np.ndarray]:
+        """An mp4/mov/webm/mkv file ⇒ at most `max_frames` RGB frames. Its size and frame count are read from
+        the container before any frame is decoded, and every frame is checked again (containers can lie)."""
+        if not (data[4:8] in BMFF_FIRST_BOXES or data.startswith(EBML_MAGIC)):
+            raise APIError(415, f"{name} is not an mp4/mov or webm/mkv file (only those containers are accepted)",
+                           "frames")
+        frames: list[np.ndarray] = []
+        with tempfile.NamedTemporaryFile(suffix=".video") as f:
+            f.write(data)
+            f.flush()
+            capture = cv2.VideoCapture(f.name, cv2.CAP_FFMPEG)
+            try:
+                if not capture.isOpened():
+                    raise APIError(400, f"{name} is not a video that can be decoded (mp4 or webm expected)", "frames")
+                self.check_size(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                                int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)), name)
+                self._check_frames(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), max_frames, name)
+                while True:
+                    ok, frame = capture.read()
+                    if not ok:
+                        break
+                    self.check_size(frame.shape[1], frame.shape[0], name)
+                    self._check_frames(len(frames) + 1, max_frames, name)
+                    frames.append(cv2.cvtColor(self.shrink(frame), cv2.COLOR_BGR2RGB))
+            finally:
+                capture.release()
+        if not frames:
+            raise APIError(400, f"{name} is not a video that can be decoded (mp4 or webm expected)", "frames")
+        return frames
+
+    def _check_frames(self, count: int, max_frames: int, name: str) -> None:
+        if count > max_frames:
+            raise APIError(413, f"{name} has {count} frames: over max_frames_per_request "
+                                f"({self.limits.max_frames_per_request})", "frames")
+
+    def shrink(self, frame: np.ndarray) -> np.ndarray:
+        """Scale a frame down so its shorter side is the processor's input side, keeping its aspect ratio.
+
+        LLaVA-OneVision's processor resizes every frame to `processor_side` squared, so nothing it sees is
+        lost; frames already at or below that size are returned as they are (bit for bit)."""
+        height, width = frame.shape[:2]
+        scale = self.processor_side / min(height, width)
+        if scale >= 1:
+            return frame
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
