@@ -24,7 +24,11 @@ class APIError(Exception):
         return error_response(self.status, self.message, self.param)
 
 
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, dict]:
+    """The OpenAI error object (also sent as an SSE event or a websocket message once a response started)."""
+    kind = _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error"),
-        "param": param, "code": status}})
+    return JSONResponse(status_code=status, content=error_body(status, message, param))
