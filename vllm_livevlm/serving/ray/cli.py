@@ -39,6 +39,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--replica-cpus", type=float, default=1, help="CPUs reserved per replica actor")
     parser.add_argument("--replica-timeout", type=float, default=900, help="seconds a replica may take to start")
     parser.add_argument("--livevlm-limits", default=None, help="JSON server limits of each replica (see README)")
+    parser.add_argument("--router-limits", default=None,
+                        help="JSON router limits (see README); max_upload_bytes defaults to the replicas'")
+    parser.add_argument("--api-key", nargs="+", default=None,
+                        help="the key the router and every replica require (better: the VLLM_API_KEY variable, "
+                             "which no process listing shows)")
     LiveVLMConfig.add_cli_args(parser)
     args, vllm_args = parser.parse_known_args(argv)
     if args.replicas < 1:
@@ -46,6 +51,9 @@ def main(argv: list[str]) -> None:
     for flag in ("--host", "--port"):
         if any(a == flag or a.startswith(flag + "=") for a in vllm_args):
             parser.error(f"{flag} is the router's; replicas pick their own ports")
+    if args.api_key and len(args.api_key) > 1:
+        parser.error("serve-ray takes one --api-key (replicas read it from VLLM_API_KEY, which holds one)")
+    api_key = args.api_key[0] if args.api_key else os.environ.get("VLLM_API_KEY") or None
     config = LiveVLMConfig.from_cli_args(args)
     limits = json.loads(args.livevlm_limits) if args.livevlm_limits else None
 
@@ -53,7 +61,11 @@ def main(argv: list[str]) -> None:
     import uvicorn
 
     from vllm_livevlm.serving.ray.replica import start_replicas, stop_replicas
-    from vllm_livevlm.serving.ray.router import StreamRouter
+    from vllm_livevlm.serving.ray.router import RouterLimits, StreamRouter
+
+    router_limits = RouterLimits(**{"max_upload_bytes": (limits or {}).get("max_upload_bytes",
+                                                                            RouterLimits.max_upload_bytes),
+                                    **(json.loads(args.router_limits) if args.router_limits else {})})
 
     if args.address:
         ray.init(address=args.address)
@@ -64,12 +76,13 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # stop the replicas on SIGTERM while they start, too
     replicas = []
     try:
-        replicas = start_replicas(args.model, args.replicas, config, vllm_args, limits,
+        replicas = start_replicas(args.model, args.replicas, config, vllm_args, limits, api_key,
                                   num_cpus=args.replica_cpus,
                                   num_gpus=replica_gpus(vllm_args, ray.cluster_resources().get("GPU", 0)),
                                   timeout=args.replica_timeout, progress=progress)
         progress(f"router listening on http://{args.host}:{args.port}")
-        uvicorn.run(StreamRouter(replicas).app(), host=args.host, port=args.port, log_level="info")
+        router = StreamRouter(replicas, api_key, router_limits)
+        uvicorn.run(router.app(), host=args.host, port=args.port, log_level="info")
     finally:
         stop_replicas(replicas)
         ray.shutdown()

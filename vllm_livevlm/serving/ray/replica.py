@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1
 _FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
 _NODE_SPECIFIC_ENV = frozenset({"VLLM_HOST_IP", "VLLM_PORT"})
+_API_KEY_ENV = "VLLM_API_KEY"  # vLLM's server reads its key from here when `--api-key` is not given
 
 
 def _die_with_parent() -> None:
@@ -41,10 +42,14 @@ def _free_port(host: str) -> int:
 
 
 class LiveVLMReplica:
-    """Ray actor body (wrapped by `ray.remote` in `start_replicas`): a LiveVLM server as a child process."""
+    """Ray actor body (wrapped by `ray.remote` in `start_replicas`): a LiveVLM server as a child process.
+
+    The API key comes as a constructor argument and goes to the child's environment: never on a command
+    line (any local user can list those) nor in the actor's runtime environment (Ray passes that to the
+    worker's command line)."""
 
     def __init__(self, model: str, config: dict[str, Any], vllm_args: list[str],
-                 limits: dict[str, Any] | None = None, host: str | None = None):
+                 limits: dict[str, Any] | None = None, api_key: str | None = None, host: str | None = None):
         self.host = host or ray.util.get_node_ip_address()
         port = _free_port(self.host)
         # Exactly `vllm-livevlm serve` (it builds vLLM's command and environment on this node); the actor
@@ -56,6 +61,9 @@ class LiveVLMReplica:
         # vLLM's Ray executor (tensor parallelism over Ray) joins this actor's cluster.
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
                "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        env.pop(_API_KEY_ENV, None)
+        if api_key:
+            env[_API_KEY_ENV] = api_key
         # Output goes to the actor's stdout/stderr: Ray keeps it in the node's logs and shows it on the driver.
         self.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
         self.url = f"http://{self.host}:{port}"
@@ -122,19 +130,23 @@ class Replica:
 
 def replica_env() -> dict[str, str]:
     """The caller's vLLM / Hugging Face settings, which replicas on a running cluster would not see
-    otherwise (their processes inherit the environment of the node's raylet), minus node-specific ones."""
+    otherwise (their processes inherit the environment of the node's raylet), minus node-specific ones and
+    the API key (a secret: it goes to the actors as an argument)."""
     return {k: v for k, v in os.environ.items()
-            if k.startswith(_FORWARDED_ENV_PREFIXES) and k not in _NODE_SPECIFIC_ENV}
+            if k.startswith(_FORWARDED_ENV_PREFIXES) and k not in _NODE_SPECIFIC_ENV | {_API_KEY_ENV}}
 
 
 def start_replicas(model: str, count: int, config: "LiveVLMConfig", vllm_args: list[str],
-                   limits: dict[str, Any] | None = None, num_cpus: float = 1, num_gpus: float = 0,
-                   timeout: float = 600, progress: Callable[[str], None] = print) -> list[Replica]:
-    """Start `count` replica actors at once and wait until every server is healthy."""
+                   limits: dict[str, Any] | None = None, api_key: str | None = None, num_cpus: float = 1,
+                   num_gpus: float = 0, timeout: float = 600,
+                   progress: Callable[[str], None] = print) -> list[Replica]:
+    """Start `count` replica actors at once and wait until every server is healthy (each requiring
+    `api_key`, if given)."""
     actor_class = ray.remote(LiveVLMReplica)
     env = replica_env()
     actors = [actor_class.options(name=f"livevlm-replica-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
-                                  runtime_env={"env_vars": env}).remote(model, config.to_dict(), vllm_args, limits)
+                                  runtime_env={"env_vars": env}).remote(model, config.to_dict(), vllm_args, limits,
+                                                                        api_key)
               for i in range(count)]
     progress(f"starting {count} LiveVLM replica(s) of {model} ({num_cpus} CPU, {num_gpus} GPU each)")
     start = time.monotonic()

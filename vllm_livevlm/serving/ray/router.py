@@ -5,29 +5,43 @@
 - Every request that names a stream (its routes, its websocket, chat completions with `session_id` or
   `X-Session-ID`) goes to the owner; a stream whose replica died answers 503 naming it, never an answer
   from another replica (that one does not hold the stream's memory).
-- Anything else (`/v1/models`, `/health`, stock chat completions, ...) goes to any live replica.
+- The other OpenAI routes (`/v1/models`, `/v1/completions`, `/v1/responses`, stock chat completions) and
+  `/health` go to any live replica; no other path is forwarded (404).
 
-Requests are forwarded verbatim: method, path, query string, body and headers except hop-by-hop ones
-(so `Authorization` and per-stream tokens work unchanged); responses come back with their status and are
-streamed through (SSE chat completions included).
+`RouterGate` runs before any route, on the raw request: paths that are not plain (dot segments, empty
+segments, percent-escapes, backslashes) or not one of those routes answer 404, a request without the API key
+answers 401, and one that declares a body over `max_upload_bytes` answers 413, all before a byte of the body
+is read; the body bytes that are read are counted as they arrive (chunked bodies too): 413 once over.
+Requests are forwarded with method, path, query string, body (streamed, never held whole) and headers except
+hop-by-hop ones (so `Authorization` and per-stream tokens work unchanged); responses come back with their
+status and are streamed through (SSE chat completions included). Each replica has its own connection pool,
+so one replica's long answers never hold the connections another needs; a full pool answers 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_livevlm.log import get_logger
+from vllm_livevlm.serving.boundary import TrustBoundary
 from vllm_livevlm.serving.errors import error_response
 from vllm_livevlm.serving.ray.replica import Replica
+from vllm_livevlm.serving.socket_auth import SUBPROTOCOL, with_credential_headers
 
 logger = get_logger(__name__)
 
@@ -38,6 +52,125 @@ _WEBSOCKET_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", 
                                   "sec-websocket-accept", "sec-websocket-protocol"})
 _RESPONSE_SET_BY_US = frozenset({"date", "server"})
 _STREAM_PATH = "/v1/video/streams/{stream_id}"
+_TOKEN_HEADER = "x-stream-token"
+_OPEN_PATHS = frozenset({"/health"})  # answered without the API key (as vLLM's own server does)
+_VIDEO_PREFIX = "/v1/video/"
+_OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models")
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    """What the router admits before a replica sees a request (`serve-ray --router-limits JSON`)."""
+
+    max_upload_bytes: int = 64 * 1024 * 1024  # a request body, counted as it arrives (the replicas' default)
+    connections_per_replica: int = 512        # open connections to one replica: each SSE answer and each
+    #                                           `wait=true` push holds one for as long as it runs
+    pool_timeout_seconds: float = 5.0         # waiting for a free connection to a replica, then 503
+    connect_timeout_seconds: float = 5.0      # opening a connection to a replica (reads have no timeout:
+    #                                           answers stream for as long as they generate)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"router limit {f.name} must be a positive number, got {value!r}")
+
+
+def routable(raw_path: bytes) -> bool:
+    """Whether the router forwards this path (as sent, before any decoding): plain ASCII segments (no `.`,
+    `..`, empty segment, percent-escape or backslash, so a replica resolves it to exactly what we checked)
+    under our routes, the OpenAI ones or `/health`."""
+    try:
+        path = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    if not path.startswith("/") or "%" in path or "\\" in path:
+        return False
+    if any(segment in ("", ".", "..") for segment in path[1:].split("/")):
+        return False
+    return (path in _OPEN_PATHS or path.startswith(_VIDEO_PREFIX)
+            or any(path == route or path.startswith(route + "/") for route in _OPENAI_ROUTES))
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class UploadTooLarge(Exception):
+    """A request body grew past `max_upload_bytes` while it was read: the client gets a 413."""
+
+
+class RouterGate:
+    """ASGI middleware in front of every route: path, API key and declared size are checked on the raw
+    request before any body byte is read, and the body is counted as the routes read it."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_upload_bytes: int):
+        self.app = app
+        self.key_digest = _digest(api_key) if api_key else None
+        self.max_upload_bytes = max_upload_bytes
+
+    def authorized(self, headers: Headers) -> bool:
+        if self.key_digest is None:
+            return True
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(_digest(key), self.key_digest)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # a browser's credentials come as subprotocols
+            scope = with_credential_headers(scope)
+        headers = Headers(scope=scope)
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        declared = headers.get("content-length", "0")
+        if not routable(raw_path):
+            await _refuse(scope, receive, send, 404, "not found")
+        elif (raw_path.decode() not in _OPEN_PATHS and scope.get("method") != "OPTIONS"
+              and not self.authorized(headers)):
+            await _refuse(scope, receive, send, 401, "a valid API key is required (Authorization: Bearer KEY)")
+        elif not declared.isdigit() or int(declared) > self.max_upload_bytes:
+            await _refuse(scope, receive, send, 413, self.too_large())
+        else:
+            await self.counted(scope, receive, send)
+
+    def too_large(self) -> str:
+        return f"the request body is larger than the router's limit of {self.max_upload_bytes} bytes"
+
+    async def counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app with a `receive` that raises `UploadTooLarge` as soon as the body read so far is over
+        the limit (wherever the app reads it: a route, or a replica's upload streamed from it): 413."""
+        read = 0
+        responded = False
+
+        async def receive_counted() -> Message:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_upload_bytes:
+                    raise UploadTooLarge(self.too_large())
+            return message
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal responded
+            responded = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_counted, send_tracked)
+        except UploadTooLarge as e:
+            if responded:
+                raise
+            await _refuse(scope, receive, send, 413, str(e))
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    """Answer without reading the body and close the connection after it, so the rest is never read. A
+    websocket is refused during its handshake with the same HTTP answer."""
+    response = error_response(status, message)
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 def _request_headers(headers: Any, drop: frozenset[str] = _HOP_BY_HOP) -> list[tuple[str, str]]:
@@ -61,14 +194,21 @@ class ReplicaUnavailable(Exception):
 
 
 class StreamRouter:
-    def __init__(self, replicas: list[Replica]):
+    def __init__(self, replicas: list[Replica], api_key: str | None = None,
+                 limits: RouterLimits = RouterLimits()):
         if not replicas:
             raise ValueError("the router needs at least one replica")
         self.replicas = replicas
+        self.api_key = api_key
+        self.limits = limits
         self.owners: dict[str, Replica] = {}
+        self.token_digests: dict[str, bytes] = {}  # stream id -> sha256 of its owner token (the engine view)
         self._creating = {r.index: 0 for r in replicas}  # stream creations in flight per replica
         self._round_robin = itertools.cycle(replicas)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+        self._auth = [("authorization", f"Bearer {api_key}")] if api_key else []  # the router's own requests
+        timeout = httpx.Timeout(None, connect=limits.connect_timeout_seconds, pool=limits.pool_timeout_seconds)
+        self.clients = {r.index: httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(
+            max_connections=limits.connections_per_replica)) for r in replicas}
 
     # ---- choosing a replica ---------------------------------------------------------------------------------
     def live(self) -> list[Replica]:
@@ -81,20 +221,24 @@ class StreamRouter:
                 return replica
         raise ReplicaUnavailable("no LiveVLM replica is alive")
 
-    async def load(self, replica: Replica, headers: list[tuple[str, str]]) -> dict[str, Any] | None:
+    async def load(self, replica: Replica) -> dict[str, Any] | None:
         """The replica's `GET /v1/video/engine` (None when it does not answer with 200)."""
         try:
-            response = await self.client.get(f"{replica.url}/v1/video/engine", headers=headers, timeout=10.0)
+            response = await self.clients[replica.index].get(
+                f"{replica.url}/v1/video/engine", headers=self._auth,
+                timeout=httpx.Timeout(10.0, pool=self.limits.pool_timeout_seconds))
+        except httpx.PoolTimeout:
+            return None
         except httpx.TransportError:
             await replica.check_alive()
             return None
         return response.json() if response.status_code == 200 else None
 
-    async def place(self, headers: list[tuple[str, str]]) -> Replica:
+    async def place(self) -> Replica:
         """The least-loaded live replica: fewest live streams (counting creations in flight), then fewest
         store bytes, then the lowest index. A replica whose load is not readable counts its known streams."""
         live = self.live()
-        loads = await asyncio.gather(*(self.load(r, headers) for r in live))
+        loads = await asyncio.gather(*(self.load(r) for r in live))
         ranked = []
         for replica, load in zip(live, loads):
             if not replica.alive:
@@ -118,21 +262,30 @@ class StreamRouter:
     def lost(self, stream_id: str, replica: Replica) -> JSONResponse:
         return error_response(503, self.lost_message(stream_id, replica), "stream_id")
 
+    def busy_message(self, replica: Replica) -> str:
+        return (f"replica {replica.index} is busy: all {self.limits.connections_per_replica} connections to it "
+                "are in use; try again")
+
     @staticmethod
     def unknown(stream_id: str) -> JSONResponse:
         return error_response(404, f"no video stream with id {stream_id!r}", "stream_id")
 
     # ---- forwarding -----------------------------------------------------------------------------------------
-    async def forward(self, request: Request, replica: Replica, body: bytes | None = None) -> Response:
-        """Send the request to `replica` as it came and stream the response back."""
+    async def forward(self, request: Request, replica: Replica,
+                      body: bytes | AsyncIterator[bytes] | None = None) -> Response:
+        """Send the request to `replica` as it came (the body streamed as it arrives unless given) and stream
+        the response back."""
         url = _upstream_url(replica, request)
-        content = body if body is not None else request.stream()
+        content = request.stream() if body is None else body
         headers = _request_headers(request.headers)
-        if body is None and "content-length" in request.headers:  # forwarded byte for byte: still true
+        if not isinstance(content, bytes) and "content-length" in request.headers:  # byte for byte: still true
             headers.append(("content-length", request.headers["content-length"]))
-        upstream_request = self.client.build_request(request.method, url, headers=headers, content=content)
+        client = self.clients[replica.index]
+        upstream_request = client.build_request(request.method, url, headers=headers, content=content)
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.PoolTimeout:
+            raise ReplicaUnavailable(self.busy_message(replica)) from None
         except httpx.TransportError as e:
             if not await replica.check_alive():
                 raise ReplicaUnavailable(f"replica {replica.index} died") from None
@@ -152,40 +305,54 @@ class StreamRouter:
             return self.lost(stream_id, replica) if not replica.alive else error_response(503, str(e))
         if request.method == "DELETE" and response.status_code == 200:
             self.owners.pop(stream_id, None)
+            self.token_digests.pop(stream_id, None)
         return response
 
     async def forward_anywhere(self, request: Request, body: bytes | None = None) -> Response:
-        """A request that names no stream: any live replica, the next one if the first turns out dead."""
-        if body is None:
-            body = await request.body()  # kept to be sent again
+        """A request that names no stream: any live replica, the next one if the first turns out dead or
+        busy before any of a streamed body went to it (what was sent cannot be sent again)."""
+        started = False
+
+        async def streamed() -> AsyncIterator[bytes]:
+            nonlocal started
+            async for chunk in request.stream():
+                started = True
+                yield chunk
+
         last = ReplicaUnavailable("no LiveVLM replica is alive")
         for _ in self.replicas:
             try:
-                return await self.forward(request, self.any_live(), body)
+                return await self.forward(request, self.any_live(), streamed() if body is None else body)
             except ReplicaUnavailable as e:
                 last = e
-                if not self.live():
+                if started or not self.live():
                     break
         return error_response(503, str(last))
 
     # ---- routes the router answers itself ---------------------------------------------------------------
     async def create_stream(self, request: Request) -> Response:
-        body = await request.body()
+        body = await request.body()  # small JSON, bounded by `RouterGate`
         headers = _request_headers(request.headers)
         try:
-            replica = await self.place(headers)
+            replica = await self.place()
         except ReplicaUnavailable as e:
             return error_response(503, str(e))
         self._creating[replica.index] += 1
         try:
-            response = await self.client.post(_upstream_url(replica, request), headers=headers, content=body)
+            response = await self.clients[replica.index].post(_upstream_url(replica, request), headers=headers,
+                                                              content=body)
+        except httpx.PoolTimeout:
+            return error_response(503, self.busy_message(replica))
         except httpx.TransportError:
             await replica.check_alive()
             return error_response(503, f"replica {replica.index} failed while creating the stream; try again")
         finally:
             self._creating[replica.index] -= 1
         if response.status_code == 200:
-            self.owners[response.json()["id"]] = replica
+            created = response.json()
+            self.owners[created["id"]] = replica
+            if created.get("token"):
+                self.token_digests[created["id"]] = _digest(created["token"])
         return _relay(response)
 
     async def list_streams(self, request: Request) -> Response:
@@ -194,7 +361,7 @@ class StreamRouter:
         data = []
         for replica in self.live():
             try:
-                response = await self.client.get(_upstream_url(replica, request), headers=headers)
+                response = await self.clients[replica.index].get(_upstream_url(replica, request), headers=headers)
             except httpx.TransportError:
                 await replica.check_alive()
                 continue
@@ -204,13 +371,16 @@ class StreamRouter:
         return JSONResponse({"object": "list", "data": data})
 
     async def engine(self, request: Request) -> Response:
-        """The sum of the replicas' loads, and each replica's load and the streams the router placed on it."""
-        headers = _request_headers(request.headers)
+        """The sum of the replicas' loads, and each replica's load and those of the streams the router placed
+        on it whose owner tokens the caller presents (comma-separated in `X-Stream-Token`, as for
+        `GET /v1/video/streams`). Replica URLs only to callers that presented the API key."""
+        tokens = {_digest(t.strip()) for t in request.headers.get(_TOKEN_HEADER, "").split(",") if t.strip()}
         replicas = []
-        for replica, load in zip(self.replicas, await asyncio.gather(*(self.load(r, headers)
-                                                                        for r in self.replicas))):
-            entry = {"replica": replica.index, "url": replica.url, "alive": replica.alive,
-                     "stream_ids": sorted(s for s, o in self.owners.items() if o is replica)}
+        for replica, load in zip(self.replicas, await asyncio.gather(*(self.load(r) for r in self.replicas))):
+            entry = {"replica": replica.index, **({"url": replica.url} if self.api_key else {}),
+                     "alive": replica.alive,
+                     "stream_ids": sorted(s for s, o in self.owners.items()
+                                          if o is replica and self.token_digests.get(s) in tokens)}
             if load is not None:
                 entry.update({k: v for k, v in load.items() if k != "object"})
             replicas.append(entry)
@@ -246,13 +416,16 @@ class StreamRouter:
             try:
                 upstream = await websockets.connect(url, additional_headers=_request_headers(
                     websocket.headers, _HOP_BY_HOP | _WEBSOCKET_HANDSHAKE), max_size=None)
-            except websockets.InvalidStatus as e:
-                error = (e.response.status_code, f"the replica refused the websocket: {e}")
+            except websockets.InvalidStatus as e:  # refused before its handshake: so is the client
+                await websocket.send_denial_response(Response(bytes(e.response.body), e.response.status_code,
+                                                              media_type=e.response.headers.get("content-type")))
+                return
             except OSError:
                 await replica.check_alive()
                 error = (503, self.lost_message(stream_id, replica) if not replica.alive
                          else f"replica {replica.index} ({replica.url}) is unreachable")
-        await websocket.accept()
+        offered = SUBPROTOCOL in websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol=SUBPROTOCOL if offered else None)  # as a single server answers
         if upstream is None:
             status, message = error
             await websocket.send_json({"type": "error", "error": {"message": message, "code": status}})
@@ -265,10 +438,13 @@ class StreamRouter:
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI):
             yield
-            await self.client.aclose()
+            await asyncio.gather(*(client.aclose() for client in self.clients.values()))
 
-        # The replicas serve the API documentation (/docs, /openapi.json) through the catch-all route.
         app = FastAPI(title="LiveVLM router", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+        # Added last, so it runs first: clients' engine transfer fields are refused (400) as on a single
+        # server, once the gate has let the request in.
+        app.add_middleware(TrustBoundary, max_body_bytes=self.limits.max_upload_bytes)
+        app.add_middleware(RouterGate, api_key=self.api_key, max_upload_bytes=self.limits.max_upload_bytes)
 
         @app.post("/v1/video/streams")
         async def create_stream(request: Request):
@@ -295,6 +471,7 @@ class StreamRouter:
         async def chat_completions(request: Request):
             return await self.chat_completions(request)
 
+        # The other routes `RouterGate` lets through (`routable`): the OpenAI ones and /health.
         @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
         async def anything_else(path: str, request: Request):
             return await self.forward_anywhere(request)
