@@ -72,8 +72,8 @@ def _retrieve(memory, heads: slice) -> dict[int, list[int]]:
     step = StepRequests.__new__(StepRequests)
     assert not memory.page_layout.reads_everything  # a real choice among pages
     for layer in range(LAYERS):
-        step._retrieve(active, layer, attn, query[:, q_heads])
-    return active.retrieved
+        step._retrieve(active, memory, layer, attn, query[:, q_heads])
+    return {layer: pages.tolist() for layer, pages in active.retrieved.items()}
 
 
 def _rank(rank: int, port: int, out_dir: str) -> None:

@@ -43,3 +43,16 @@ def test_under_budget_keeps_everything_and_per_head():
     per_head = vsb.select_per_head(torch.rand(40, 3))
     assert per_head.shape == (3, 16)
     assert VisionSinkBucketing(0, 1, 0).select(torch.rand(40)).numel() == 0  # sliding window: keep none
+
+
+def test_rows_of_a_batch_are_selected_independently():
+    """`select` over [layers, heads, N] (one call per commit) equals selecting each row alone."""
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.rand(3, 2, 500, generator=gen)
+    vsb = VisionSinkBucketing(60, 3, 20)
+    batched = vsb.select(scores)
+    assert batched.shape == (3, 2, 60)
+    for layer in range(3):
+        for head in range(2):
+            row = scores[layer, head].tolist()
+            assert batched[layer, head].tolist() == vsb_keep(row, 60, 3, 20)

@@ -13,8 +13,8 @@ LTM token ids and frames are [L, H, n] (per KV head: with per-layer selection al
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -27,6 +27,17 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def _local(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def held_bytes(memories: Iterable["StreamMemory"]) -> int:
+    """Bytes of the distinct storages the snapshots keep alive: snapshots of one stream share tensors (the
+    sinks), and a view keeps its whole storage, so tensors are counted by storage, not by shape."""
+    storages = {}
+    for memory in memories:
+        for tensor in memory.tensors:
+            storage = tensor.untyped_storage()
+            storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 @dataclass(frozen=True)
@@ -102,10 +113,14 @@ class StreamMemory:
         return self.num_sinks + self.page_layout.tokens_read + self.num_stm
 
     @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this snapshot keeps alive."""
+        return [value for f in fields(self) if isinstance(value := getattr(self, f.name), torch.Tensor)]
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (
-            self.sinks_k, self.sinks_v, self.ltm_k, self.ltm_v, self.ltm_score, self.ltm_ids, self.ltm_frames,
-            self.ltm_summary, self.stm_k, self.stm_v, self.stm_score, self.stm_ids, self.stm_frames))
+        """Bytes this snapshot keeps allocated (its distinct storages, see `held_bytes`)."""
+        return held_bytes([self])
 
     # ---- what a request's context slots receive ---------------------------------------------------------
     def clip_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,12 +141,19 @@ class StreamMemory:
         v = torch.cat([self.sinks_v[layer], ltm_v, self.stm_v[layer]])
         return k, v
 
-    def page_frames(self, layer: int, pages: list[int]) -> list[tuple[int, int]]:
-        """First and last stream frame of each long-term page of a layer (over all KV heads)."""
-        frames = self.ltm_frames[layer]
+    def page_frames(self, layers: list[int], pages: torch.Tensor) -> torch.Tensor:
+        """First and last stream frame [len(layers), k, 2] of the long-term pages `pages` [len(layers), k] of
+        those layers (over all KV heads), in a few device ops: reporting a question's pages costs no host
+        round trip per page or layer."""
+        frames = self.ltm_frames[layers]                              # [l, H, n], temporal per head
         size = self.config.page_tokens
-        return [(int(frames[:, p * size:(p + 1) * size].min()), int(frames[:, p * size:(p + 1) * size].max()))
-                for p in pages]
+        pad = -frames.shape[2] % size                                # the partial newest page
+        per_page = (*frames.shape[:2], -1, size)
+        first = torch.nn.functional.pad(frames, (0, pad), value=self.frames_seen)  # after every frame
+        last = torch.nn.functional.pad(frames, (0, pad), value=-1)                # before every frame
+        first = first.view(per_page).amin(dim=(1, 3)).gather(1, pages)
+        last = last.view(per_page).amax(dim=(1, 3)).gather(1, pages)
+        return torch.stack([first, last], dim=-1)
 
     def scored_context_range(self) -> tuple[int, int]:
         """Slot range of the context vision tokens that a clip's queries score (LTM and/or STM)."""
@@ -155,21 +177,31 @@ class StreamMemory:
         assert clip_score.shape[1] == n_clip, "scores do not match the clip's tokens"
 
         first_id = self.tokens_seen
-        ids = torch.cat([self.stm_ids, torch.arange(first_id, first_id + n_clip, device=self.stm_ids.device)])
-        frames = torch.cat([self.stm_frames, clip.frames.to(self.stm_frames.device)])
-        k = torch.cat([self.stm_k, clip.k], dim=1)
-        v = torch.cat([self.stm_v, clip.v], dim=1)
-        score = torch.cat([stm_score, clip_score], dim=1)
-        frames_seen = int(frames.max().item()) + 1 if frames.numel() else self.frames_seen
+        clip_ids = torch.arange(first_id, first_id + n_clip, device=self.stm_ids.device)
+        clip_frames = clip.frames.to(self.stm_frames.device)
+        # STM is temporal: the oldest tokens (STM's, then the clip's) leave first. One transfer to the host.
+        frames_seen = torch.cat([self.stm_frames, clip_frames]).max() + 1
         keep_from = frames_seen - cfg.short_term_frames
-        moved = int((frames < keep_from).sum().item())  # STM is temporal: the oldest tokens leave first
+        from_stm, from_clip, frames_seen = torch.stack(
+            [(self.stm_frames < keep_from).sum(), (clip_frames < keep_from).sum(), frames_seen]).tolist()
 
-        layers, heads = k.shape[0], k.shape[2]
-        moved_ids = ids[:moved].view(1, 1, -1).expand(layers, heads, -1)
-        moved_frames = frames[:moved].view(1, 1, -1).expand(layers, heads, -1)
-        ltm = _Ltm(torch.cat([self.ltm_k, k[:, :moved]], 1), torch.cat([self.ltm_v, v[:, :moved]], 1),
-                   torch.cat([ltm_score, score[:, :moved]], 1), torch.cat([self.ltm_ids, moved_ids], 2),
-                   torch.cat([self.ltm_frames, moved_frames], 2))
+        def roll(ltm: torch.Tensor, stm: torch.Tensor, new: torch.Tensor,
+                 dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+            """(ltm + the moved tokens, the tokens staying in STM), each freshly allocated at its own size: a
+            view into a concatenation of STM and the clip would keep the whole clip alive, uncounted."""
+            return (torch.cat([ltm, stm.narrow(dim, 0, from_stm), new.narrow(dim, 0, from_clip)], dim),
+                    torch.cat([stm.narrow(dim, from_stm, n_stm - from_stm),
+                               new.narrow(dim, from_clip, n_clip - from_clip)], dim))
+
+        layers, heads = clip.k.shape[0], clip.k.shape[2]
+        ltm_k, stm_k = roll(self.ltm_k, self.stm_k, clip.k)
+        ltm_v, stm_v = roll(self.ltm_v, self.stm_v, clip.v)
+        ltm_score, stm_score = roll(ltm_score, stm_score, clip_score)
+        moved_ids, stm_ids = roll(self.stm_ids[:0], self.stm_ids, clip_ids, dim=0)
+        moved_frames, stm_frames = roll(self.stm_frames[:0], self.stm_frames, clip_frames, dim=0)
+        ltm = _Ltm(ltm_k, ltm_v, ltm_score,
+                   torch.cat([self.ltm_ids, moved_ids.view(1, 1, -1).expand(layers, heads, -1)], 2),
+                   torch.cat([self.ltm_frames, moved_frames.view(1, 1, -1).expand(layers, heads, -1)], 2))
         if cfg.long_term_budget_tokens is not None and ltm.k.shape[1] > cfg.long_term_budget_tokens:
             ltm = ltm.compress(VisionSinkBucketing(cfg.long_term_budget_tokens, cfg.bucket_capacity,
                                                    cfg.score_keep_tokens), cfg.per_head_selection, reduce)
@@ -177,10 +209,9 @@ class StreamMemory:
         return replace(
             self, version=self.version + 1,
             ltm_k=ltm.k, ltm_v=ltm.v, ltm_score=ltm.score, ltm_ids=ltm.ids, ltm_frames=ltm.frames,
-            ltm_summary=summary,
-            stm_k=k[:, moved:], stm_v=v[:, moved:], stm_score=score[:, moved:], stm_ids=ids[moved:],
-            stm_frames=frames[moved:], frames_seen=frames_seen, clips=self.clips + 1,
-            tokens_seen=self.tokens_seen + n_clip, ltm_candidates=self.ltm_candidates + moved)
+            ltm_summary=summary, stm_k=stm_k, stm_v=stm_v, stm_score=stm_score, stm_ids=stm_ids,
+            stm_frames=stm_frames, frames_seen=frames_seen, clips=self.clips + 1,
+            tokens_seen=self.tokens_seen + n_clip, ltm_candidates=self.ltm_candidates + from_stm + from_clip)
 
     # ---- reporting -----------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -207,12 +238,10 @@ class _Ltm:
     def compress(self, vsb: VisionSinkBucketing, per_head: bool, reduce: Reduce) -> "_Ltm":
         layers, _, heads, dim = self.k.shape
         if per_head:
-            keep = torch.stack([vsb.select_per_head(self.score[layer]) for layer in range(layers)])  # [L, H, M]
+            keep = vsb.select(self.score.transpose(1, 2))  # [L, H, M]
         else:
             # Summed over KV heads (all ranks): same order as the mean over the layer's heads.
-            head_sum = reduce(self.score.sum(dim=2))
-            keep = torch.stack([vsb.select(head_sum[layer]) for layer in range(layers)])
-            keep = keep.unsqueeze(1).expand(layers, heads, -1)
+            keep = vsb.select(reduce(self.score.sum(dim=2))).unsqueeze(1).expand(layers, heads, -1)
         token_index = keep.transpose(1, 2)  # [L, M, H]
         kv_index = token_index.unsqueeze(-1).expand(-1, -1, -1, dim)
         return _Ltm(self.k.gather(1, kv_index), self.v.gather(1, kv_index), self.score.gather(1, token_index),

@@ -26,30 +26,39 @@ class VisionSinkBucketing:
             raise ValueError("score_keep must lie in [0, budget]")
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Kept indices (ascending = temporal order) of the temporally ordered candidates `scores` [L]."""
-        num = scores.shape[0]
+        """Kept indices [..., min(N, M)] (ascending = temporal order) of the temporally ordered candidates
+        `scores` [..., N], each row (a layer, or a layer's KV head) on its own.
+
+        Fixed-shape device ops only (no `nonzero`, masks or `.item()`): exactly M tokens are kept, so a GPU
+        never waits to learn a size."""
+        *batch, num = scores.shape
+        device = scores.device
         if num <= self.budget:
-            return torch.arange(num, device=scores.device)
+            return torch.arange(num, device=device).expand(*batch, num)
         if self.budget == 0:  # no long-term memory at all (sliding window)
-            return torch.zeros(0, dtype=torch.long, device=scores.device)
+            return torch.zeros((*batch, 0), dtype=torch.long, device=device)
         num_buckets = self.budget // self.bucket_capacity
-        bucket = torch.arange(num, device=scores.device) * num_buckets // num
-        order = torch.argsort(scores.float(), descending=True, stable=True)
-        keep = torch.zeros(num, dtype=torch.bool, device=scores.device)
-        keep[order[: self.score_keep]] = True
-        filled = torch.bincount(bucket[keep], minlength=num_buckets)
+        bucket = torch.arange(num, device=device) * num_buckets // num
+        order = torch.argsort(scores.float(), dim=-1, descending=True, stable=True)
+        top = order[..., : self.score_keep]
+        keep = torch.zeros((*batch, num), dtype=torch.bool, device=device).scatter_(-1, top, True)
+        filled = torch.zeros((*batch, num_buckets), dtype=torch.long, device=device)
+        filled.scatter_add_(-1, bucket[top], torch.ones_like(top))
         # Coverage phase: a remaining token (in descending score) is kept iff the tokens of its bucket
         # kept before it still leave room; its rank among its bucket's remaining tokens tells that.
-        rest = order[self.score_keep:]
+        rest = order[..., self.score_keep:]
         rest_bucket = bucket[rest]
-        by_bucket = torch.argsort(rest_bucket, stable=True)
-        starts = torch.searchsorted(rest_bucket[by_bucket], torch.arange(num_buckets, device=scores.device))
-        rank = torch.empty_like(by_bucket)
-        rank[by_bucket] = torch.arange(rest.shape[0], device=scores.device) - starts[rest_bucket[by_bucket]]
-        eligible = rest[filled[rest_bucket] + rank < self.bucket_capacity]
-        keep[eligible[: self.budget - self.score_keep]] = True
-        return keep.nonzero().squeeze(1)
+        by_bucket = torch.argsort(rest_bucket, dim=-1, stable=True)
+        sorted_bucket = rest_bucket.gather(-1, by_bucket)
+        starts = torch.searchsorted(sorted_bucket, torch.arange(num_buckets, device=device).repeat(*batch, 1))
+        position = torch.arange(rest.shape[-1], device=device).expand_as(rest)
+        rank = torch.empty_like(by_bucket).scatter_(-1, by_bucket, position - starts.gather(-1, sorted_bucket))
+        eligible = filled.gather(-1, rest_bucket) + rank < self.bucket_capacity
+        # The first M - R eligible ones; there are always enough (every bucket holds >= B tokens).
+        keep.scatter_(-1, rest, eligible & (eligible.cumsum(dim=-1) <= self.budget - self.score_keep))
+        kept_first = torch.where(keep, torch.arange(num, device=device), num)
+        return kept_first.sort(dim=-1).values[..., : self.budget]
 
     def select_per_head(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-KV-head selection: `scores` [L, H] ⇒ kept indices [H, min(L, M)], each row ascending."""
-        return torch.stack([self.select(scores[:, h]) for h in range(scores.shape[1])])
+        return self.select(scores.transpose(0, 1))
