@@ -4,22 +4,30 @@ Every system runs on the same model, frames and questions, on this machine, in o
 - vanilla: stock vLLM, every question re-prefills all frames so far (one video item per clip) + question;
 - vanilla-prefix: stock vLLM with prefix caching on; the video so far is a growing prefix (only new frames
   are prefilled when they arrive), its KV grows without bound;
+- vllm-streaming: vLLM's own streaming-input session (`StreamingInput`, one resumable request): each clip is
+  appended as an input chunk (one sampled token, which vLLM drops) and each question as a chunk that is
+  answered; append-only, so its KV (questions and answers included) stays in vLLM's blocks and grows;
 - vanilla-32: stock vLLM over 32 uniformly sampled frames; recent-4: stock vLLM over the last 4 frames;
 - sliding-window: LiveVLM with no long-term memory (sinks + short-term window, StreamingLLM-style);
 - fullkv-retrieval: LiveVLM with compression off and window encoding (ReKV-style: every clip's KV kept,
   top pages retrieved per question);
 - livevlm: LiveVLM at its default configuration.
-Vanilla, vanilla-32 and recent-4 run as ordinary requests on the LiveVLM engine (its model variant runs
-vLLM's own Qwen2 math for them; prefix caching off, eager like every system here); vanilla-prefix needs
-prefix caching and runs on a second, stock engine. Timings exclude a warm-up; each figure is the median
-of `--reps` repetitions with min and max (`--long-prompt-reps` for stock-vLLM prompts over
-`--long-prompt-tokens`: those take minutes each on a CPU). Writes `bench_results/<date>-<machine>.json`
-and PNG plots.
+Vanilla, vllm-streaming, vanilla-32 and recent-4 run as ordinary requests on the LiveVLM engine (its model
+variant runs vLLM's own Qwen2 math for them; prefix caching off, as vLLM advises for sessions, eager like
+every system here); vanilla-prefix needs prefix caching and runs on a second, stock engine.
+Memory is reported and measured: "reported" is what the system says it holds (the store's stats for the
+LiveVLM systems, tokens x KV bytes per token for the others); "measured" is what is allocated: the distinct
+tensor storages the session store holds (`vllm_livevlm.measure`, sampled after every clip) for the LiveVLM
+systems, the peak number of vLLM blocks in use (its per-step KV usage) times the block's bytes for the
+others. Timings exclude a warm-up; each figure is the median of `--reps` repetitions with min and max
+(`--long-prompt-reps` for stock-vLLM prompts over `--long-prompt-tokens`: those take minutes each on a
+CPU). Writes `bench_results/<date>-<machine>.json` and PNG plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
@@ -31,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from vllm_livevlm.measure import KVPoolProbe
+
 QUESTION = "What is happening in the video right now?"
 LIVEVLM_SYSTEMS = {
     "sliding-window": {"long_term_budget_tokens": 0, "encode_context": "window"},
@@ -39,7 +49,9 @@ LIVEVLM_SYSTEMS = {
 }
 VANILLA_SYSTEMS = ("vanilla", "vanilla-32", "recent-4")
 BOUNDED_SYSTEMS = ("sliding-window", "livevlm")  # memory bounded by config: the only ones run to --long-lengths
-ALL_SYSTEMS = ("vanilla", "vanilla-prefix", "vanilla-32", "recent-4", "sliding-window", "fullkv-retrieval", "livevlm")
+STREAMING_SYSTEM = "vllm-streaming"
+ALL_SYSTEMS = ("vanilla", "vanilla-prefix", STREAMING_SYSTEM, "vanilla-32", "recent-4", "sliding-window",
+               "fullkv-retrieval", "livevlm")
 
 
 def uniform_indices(length: int, count: int) -> np.ndarray:
@@ -62,7 +74,8 @@ class Point:
     decode_tokens_per_s: dict[str, float] | None = None
     ingest_s_per_clip: dict[str, float] | None = None
     frames_per_s: float | None = None
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # reported
+    measured_memory_bytes: int = 0  # allocated (see the module docstring)
     vision_tokens_prefilled: int = 0  # cumulative, ingestion and questions, since the stream started
     skipped: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +102,110 @@ def _timed_answer(engine, prompt: dict, max_tokens: int, request_id: str, runner
     return runner(run())
 
 
+class StreamingSession:
+    """One vLLM streaming-input session: chunks (`StreamingInput`) go in through an async generator, each
+    answered before the next is sent. vLLM keeps every chunk's KV and the answers' (but each chunk's last
+    sampled token) in the session's blocks: `tokens` counts them."""
+
+    def __init__(self, engine, runner, request_id: str):
+        self.engine = engine
+        self.runner = runner
+        self.request_id = request_id
+        self.tokens = 0
+        self._kept = 0  # answer tokens the session holds (each answer but its last token)
+        self._chunks: asyncio.Queue | None = None
+        self._outputs = None
+        self._failed = False
+
+    async def _inputs(self):
+        while (chunk := await self._chunks.get()) is not None:
+            yield chunk
+
+    def send(self, prompt: dict, max_tokens: int) -> tuple[float, float, int]:
+        """Append one chunk, wait for its `max_tokens`: (seconds to its first token, decode tokens/s, the
+        prompt tokens it added with its placeholders expanded)."""
+        try:
+            return self.runner(self._send(prompt, max_tokens))
+        except BaseException:
+            self._failed = True
+            raise
+
+    async def _send(self, prompt: dict, max_tokens: int) -> tuple[float, float, int]:
+        from vllm import SamplingParams
+        from vllm.engine.protocol import StreamingInput
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        if self._outputs is None:
+            self._chunks = asyncio.Queue()
+            self._outputs = self.engine.generate(self._inputs(), params, request_id=self.request_id)
+        start = time.perf_counter()
+        await self._chunks.put(StreamingInput(prompt=prompt, sampling_params=params))
+        first, generated = None, 0
+        while True:
+            output = await self._outputs.__anext__()
+            generated += len(output.outputs[0].token_ids)
+            if first is None and generated:
+                first = time.perf_counter()
+            if output.outputs[0].finish_reason is not None:
+                break
+        end = time.perf_counter()
+        # The front end's prompt grows by each chunk; the kept answer tokens are not in it.
+        added = len(output.prompt_token_ids) - (self.tokens - self._kept)
+        self._kept += generated - 1
+        self.tokens = len(output.prompt_token_ids) + self._kept
+        return first - start, (generated - 1) / max(end - first, 1e-9), added
+
+    def close(self) -> None:
+        """End the session (its blocks are freed); a session that failed is aborted."""
+        if self._outputs is not None:
+            self.runner(self._close())
+
+    async def _close(self) -> None:
+        if self._failed:  # its input task waits for the next chunk until the loop stops; the request goes now
+            await self._outputs.aclose()
+            await self.engine.abort(self.request_id)
+            return
+        await self._chunks.put(None)  # the end of the input stream: vLLM finishes the session
+        try:
+            await asyncio.wait_for(self._drain(), timeout=60)
+        finally:
+            await self._outputs.aclose()
+
+    async def _drain(self) -> None:
+        async for _ in self._outputs:
+            pass
+
+
+class StoreMemory:
+    """What the LiveVLM engine's session store holds, measured in its worker (`livevlm_memory_probe`):
+    the distinct storages it reaches, and the peaks since the stream opened of that, of the worker's RSS
+    above its level then and, on a GPU, of the CUDA allocator's peak above its level then."""
+
+    def __init__(self, lv):
+        self.lv = lv
+        self.base = self._probe(reset_peak=True)
+        self.peak: dict[str, int] = {}
+
+    def _probe(self, reset_peak: bool = False) -> dict[str, int]:
+        return self.lv._run(self.lv.core.rpc("livevlm_memory_probe", reset_peak))
+
+    def sample(self) -> int:
+        """The bytes the store holds now (above its level when the stream opened); updates the peaks."""
+        now = self._probe()
+        held = now["store_storage_bytes"] - self.base["store_storage_bytes"]
+        deltas = {"peak_measured_memory_bytes": held, "engine_rss_delta_bytes": now["rss_bytes"] - self.base["rss_bytes"]}
+        if "cuda_max_allocated_bytes" in now:
+            deltas["cuda_peak_delta_bytes"] = now["cuda_max_allocated_bytes"] - self.base["cuda_allocated_bytes"]
+        for key, value in deltas.items():
+            self.peak[key] = max(self.peak.get(key, value), value)
+        return held
+
+    def peaks(self) -> dict[str, int]:
+        return dict(self.peak)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -111,15 +228,22 @@ class Bench:
                      limit_mm_per_prompt={"video": max(args.lengths) // args.clip_frames + 1, "image": 0},  # vanilla's clips
                      **profiling)
         self.kv_bytes_per_token = self._kv_bytes_per_token(lv.engine.model_config.hf_config.text_config, args.dtype)
+        pool = self._pool_probe(lv.engine)
         try:
             self._warm_up(lv)
             for name in args.systems:
                 if name in LIVEVLM_SYSTEMS:
                     self.results[name] = self._run_stream_system(lv, name, LIVEVLM_SYSTEMS[name], progress)
                 elif name in VANILLA_SYSTEMS:
-                    self.results[name] = self._run_vanilla(lv.engine, lv._run, lv.tokenizer, name, progress)
+                    self.results[name] = self._run_vanilla(lv.engine, lv._run, lv.tokenizer, pool, name, progress)
+                elif name == STREAMING_SYSTEM:
+                    self.results[name] = self._run_streaming_session(lv.engine, lv._run, lv.tokenizer, pool, progress)
         finally:
             lv.shutdown()
+
+    def _pool_probe(self, engine) -> KVPoolProbe:
+        self.kv_block_tokens = engine.vllm_config.cache_config.block_size
+        return KVPoolProbe(engine, self.kv_block_tokens * self.kv_bytes_per_token)
 
     def _warm_up(self, lv) -> None:
         stream = lv.open_stream()
@@ -134,6 +258,7 @@ class Bench:
 
     def _run_stream_system(self, lv, name: str, overrides: dict, progress) -> list[Point]:
         args = self.args
+        memory = StoreMemory(lv)
         stream = lv.open_stream(overrides)
         points, ingest, prefilled, encoded, peak = [], [], 0, 0, 0
         for length in self.lengths_for(name):
@@ -142,6 +267,7 @@ class Bench:
             for clip_start in range(encoded, length, args.clip_frames):  # clip by clip: memory sampled after each
                 results += stream.append(self.frames[clip_start:min(clip_start + args.clip_frames, length)])
                 peak = max(peak, stream.stats()["bytes"])
+                memory.sample()
             elapsed = time.perf_counter() - start
             encoded = length
             ingest += [r.seconds for r in results]
@@ -151,7 +277,7 @@ class Bench:
                 answer = stream.ask(QUESTION, self._sampling())
             except Exception as e:  # e.g. the question context outgrew max_model_len (no compression)
                 points.append(Point(length, skipped=f"question failed: {str(e)[:160]}",
-                                    memory_bytes=stream.stats()["bytes"]))
+                                    memory_bytes=stream.stats()["bytes"], measured_memory_bytes=memory.sample()))
                 progress(f"{name} {length} frames: skipped")
                 continue
             for _ in range(args.reps):
@@ -161,12 +287,13 @@ class Bench:
                                                               - answer.timings["flush"], 1e-9))
                 prefilled += answer.prompt_tokens_computed
             stats = stream.stats()
+            measured = memory.sample()
             points.append(Point(length, spread(ttft), spread(rate), spread(ingest[-max(len(results), 1):]) if ingest else None,
                                 (len(results) * args.clip_frames) / elapsed if results else None,
-                                stats["bytes"], prefilled,
+                                stats["bytes"], measured, prefilled,
                                 extra={"context_tokens": answer.prompt_tokens - answer.prompt_tokens_computed,
                                        "ingest_s_all_clips": list(ingest), "long_term_tokens": stats["long_term_tokens"],
-                                       "peak_memory_bytes": max(peak, stats["bytes"])}))
+                                       "peak_memory_bytes": max(peak, stats["bytes"]), **memory.peaks()}))
             progress(f"{name} {length} frames: TTFT {points[-1].ttft_s['median'] * 1000:.0f} ms")
         if args.profile and name == "livevlm":
             self._profile(lv, stream, encoded)
@@ -185,7 +312,7 @@ class Bench:
             finally:
                 lv._run(lv.engine.stop_profile())
 
-    def _run_vanilla(self, engine, runner, tokenizer, name: str, progress) -> list[Point]:
+    def _run_vanilla(self, engine, runner, tokenizer, pool: KVPoolProbe, name: str, progress) -> list[Point]:
         args = self.args
         points, prefilled = [], 0
         for length in sorted(args.lengths):
@@ -199,6 +326,7 @@ class Bench:
             ttft, rate = [], []
             output = None
             reps = args.reps if tokens <= args.long_prompt_tokens else min(args.reps, args.long_prompt_reps)
+            pool.reset()
             try:
                 for _ in range(reps):
                     self.request += 1
@@ -212,9 +340,69 @@ class Bench:
                 progress(f"{name} {length} frames: skipped")
                 continue
             points.append(Point(length, spread(ttft), spread(rate), None, None,
-                                len(output.prompt_token_ids) * self.kv_bytes_per_token, prefilled,
+                                len(output.prompt_token_ids) * self.kv_bytes_per_token, pool.peak_bytes(), prefilled,
                                 extra={"prompt_tokens": len(output.prompt_token_ids), "frames_used": len(frames)}))
             progress(f"{name} {length} frames: TTFT {points[-1].ttft_s['median'] * 1000:.0f} ms")
+        return points
+
+    def _run_streaming_session(self, engine, runner, tokenizer, pool: KVPoolProbe, progress) -> list[Point]:
+        """vllm-streaming: the whole stream is one resumable request; clips are appended as they arrive and
+        the questions are asked at the same lengths as the other systems (one turn each)."""
+        args = self.args
+        self.request += 1
+        session = StreamingSession(engine, runner, f"bench-{self.request}-session")
+        sink = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
+        reopen = tokenizer.encode("<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)  # after an answer
+        turn = tokenizer.encode(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+        video = tokenizer.convert_tokens_to_ids("<video>")
+        points, ingest, prefilled, encoded, answered, failure = [], [], 0, 0, False, None
+        try:
+            for length in sorted(args.lengths):
+                # At most: the frames (196 tokens each + a newline per clip), the turns, the kept answers.
+                need = (session.tokens + len(sink) + (length - encoded) * 197
+                        + args.reps * (len(reopen) + len(turn) + args.answer_tokens))
+                if failure is None and need > min(args.max_vanilla_tokens, args.max_model_len):
+                    # vLLM 0.32 does not bound a session by max_model_len: one that outgrows it kills the
+                    # engine core ("could not broadcast input array from shape (2462,) into shape (1700,)").
+                    failure = (f"the session would reach {need} tokens > max_model_len {args.max_model_len} or "
+                               f"--max-vanilla-tokens {args.max_vanilla_tokens} (vLLM 0.32 does not stop a "
+                               "streaming session at max_model_len: its engine core dies)")
+                if failure is not None:
+                    points.append(Point(length, skipped=failure))
+                    progress(f"{STREAMING_SYSTEM} {length} frames: skipped")
+                    continue
+                pool.reset()
+                clips, ttft, rate, appended = [], [], [], length - encoded
+                try:
+                    for clip_start in range(encoded, length, args.clip_frames):
+                        head = sink if not session.tokens else reopen if answered else []
+                        clip = self.frames[clip_start:min(clip_start + args.clip_frames, length)]
+                        seconds, _, added = session.send({"prompt_token_ids": head + [video],
+                                                          "multi_modal_data": {"video": [clip]}}, 1)
+                        clips.append(seconds)
+                        prefilled += added
+                        answered = False
+                    encoded = length
+                    for _ in range(args.reps):
+                        first, decode, added = session.send({"prompt_token_ids": (reopen if answered else []) + turn},
+                                                            args.answer_tokens)
+                        ttft.append(first)
+                        rate.append(decode)
+                        prefilled += added
+                        answered = True
+                except Exception as e:  # recorded with vLLM's error; the other systems still run
+                    failure = f"session failed: {type(e).__name__}: {str(e)[:200]}"
+                    points.append(Point(length, skipped=failure))
+                    progress(f"{STREAMING_SYSTEM} {length} frames: skipped")
+                    continue
+                ingest += clips
+                points.append(Point(length, spread(ttft), spread(rate), spread(clips) if clips else None,
+                                    appended / sum(clips) if clips else None,
+                                    session.tokens * self.kv_bytes_per_token, pool.peak_bytes(), prefilled,
+                                    extra={"session_tokens": session.tokens, "ingest_s_all_clips": list(ingest)}))
+                progress(f"{STREAMING_SYSTEM} {length} frames: TTFT {points[-1].ttft_s['median'] * 1000:.0f} ms")
+        finally:
+            session.close()
         return points
 
     def lengths_for(self, name: str) -> list[int]:
@@ -264,6 +452,7 @@ class Bench:
 
         engine = runner(start())
         tokenizer = engine.get_tokenizer()
+        pool = self._pool_probe(engine)
         points, prefilled = [], 0
         try:
             warm = self._vanilla_prompt(tokenizer, self.frames[:args.clip_frames])
@@ -280,6 +469,7 @@ class Bench:
                 ingest = time.perf_counter() - start
                 prefilled += len(output.prompt_token_ids) - (output.num_cached_tokens or 0)
                 ttft, rate = [], []
+                pool.reset()
                 for _ in range(args.reps):
                     self.request += 1
                     first, decode, output = _timed_answer(engine, prompt, args.answer_tokens, f"bench-{self.request}", runner)
@@ -287,7 +477,7 @@ class Bench:
                     rate.append(decode)
                     prefilled += len(output.prompt_token_ids) - (output.num_cached_tokens or 0)
                 points.append(Point(length, spread(ttft), spread(rate), None, None,
-                                    len(output.prompt_token_ids) * self.kv_bytes_per_token, prefilled,
+                                    len(output.prompt_token_ids) * self.kv_bytes_per_token, pool.peak_bytes(), prefilled,
                                     extra={"ingest_new_frames_s": ingest}))
                 progress(f"vanilla-prefix {length} frames: TTFT {points[-1].ttft_s['median'] * 1000:.0f} ms")
         finally:
@@ -303,31 +493,37 @@ class Bench:
         return 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * element
 
     def max_frames(self) -> dict[str, Any]:
-        """The '44x' analogue, measured: the fixed budget is the most memory livevlm's stream ever held (sampled
-        after every clip of its longest run); livevlm held every frame of that run in it. How many frames do the
-        systems that keep every frame's KV hold in that same budget, and in `--budget-gib`?"""
+        """The '44x' analogue, from measured (allocated) bytes: the fixed budget is the most memory livevlm's
+        stream ever held (measured after every clip of its longest run); livevlm held every frame of that run
+        in it. How many frames do the systems that keep every frame's KV hold in that same memory, and in
+        `--budget-gib`? The same figures from the reported bytes stand beside them (`*_reported`)."""
         budget = self.args.budget_gib * 2**30
         out: dict[str, Any] = {}
         ours = [p for p in self.results.get("livevlm", []) if not p.skipped]
-        ours_peak = ours[-1].extra.get("peak_memory_bytes", ours[-1].memory_bytes) if ours else 0
         for name, points in self.results.items():
-            measured = [p for p in points if not p.skipped and p.memory_bytes]
-            if not measured:
+            held = [p for p in points if not p.skipped and p.measured_memory_bytes]
+            if not held:
                 continue
-            last = measured[-1]
+            last = held[-1]
             if name in ("vanilla-32", "recent-4"):
                 out[name] = {"frames_in_budget": None, "note": "sees a fixed number of frames, drops the rest"}
             elif name in BOUNDED_SYSTEMS:
                 out[name] = {"frames_in_budget": None, "frames_held": last.frames,
-                             "peak_memory_bytes": last.extra.get("peak_memory_bytes", last.memory_bytes),
+                             "peak_measured_memory_bytes": last.extra["peak_measured_memory_bytes"],
+                             "peak_memory_bytes": last.extra["peak_memory_bytes"],
                              "note": "memory bounded by its config, any stream length"}
             else:
-                per_frame = last.memory_bytes / last.frames
-                entry = {"frames_in_budget": int(budget / per_frame), "bytes_per_frame": per_frame}
+                per_frame = last.measured_memory_bytes / last.frames
+                per_frame_reported = last.memory_bytes / last.frames
+                entry = {"frames_in_budget": int(budget / per_frame), "bytes_per_frame": per_frame,
+                         "bytes_per_frame_reported": per_frame_reported}
                 if ours:
-                    same_memory = int(ours_peak / per_frame)
+                    same_memory = int(ours[-1].extra["peak_measured_memory_bytes"] / per_frame)
+                    same_reported = int(ours[-1].extra["peak_memory_bytes"] / per_frame_reported)
                     entry.update(frames_in_livevlm_memory=same_memory,
-                                 livevlm_ratio=ours[-1].frames / max(same_memory, 1))
+                                 livevlm_ratio=ours[-1].frames / max(same_memory, 1),
+                                 frames_in_livevlm_memory_reported=same_reported,
+                                 livevlm_ratio_reported=ours[-1].frames / max(same_reported, 1))
                 out[name] = entry
         return out
 
@@ -349,11 +545,14 @@ class Bench:
                 "livevlm_longest_frames": longest,
                 "livevlm_ttft_longest_over_64": ratio(ttft("livevlm", longest), ttft("livevlm", 64)) if longest else None,
                 "livevlm_last_over_4th_clip_ingest": ratio(clips[-1], clips[3]) if len(clips) >= 5 else None,
-                "livevlm_frames_over_vanilla_frames_same_memory": vanilla.get("livevlm_ratio")}
+                "livevlm_frames_over_vanilla_frames_same_memory": vanilla.get("livevlm_ratio"),
+                "livevlm_frames_over_vanilla_frames_same_memory_reported": vanilla.get("livevlm_ratio_reported"),
+                "livevlm_measured_over_reported_bytes": ratio(ours[-1].extra["peak_measured_memory_bytes"],
+                                                              ours[-1].extra["peak_memory_bytes"]) if ours else None}
 
     def table(self) -> str:
         lines = [f"{'system':<17} {'frames':>6} {'TTFT ms (min-max)':>22} {'decode tok/s':>12} {'ingest s/clip':>13} "
-                 f"{'memory MiB':>10} {'vision tok prefilled':>20}"]
+                 f"{'reported MiB':>12} {'measured MiB':>12} {'vision tok prefilled':>20}"]
         for name, points in self.results.items():
             for p in points:
                 if p.skipped:
@@ -363,24 +562,27 @@ class Bench:
                 ingest = f"{p.ingest_s_per_clip['median']:.2f}" if p.ingest_s_per_clip else "-"
                 lines.append(f"{name:<17} {p.frames:>6} {t['median'] * 1000:>8.0f} ({t['min'] * 1000:.0f}-{t['max'] * 1000:.0f})"
                              f"{'':>3} {p.decode_tokens_per_s['median']:>12.1f} {ingest:>13} "
-                             f"{p.memory_bytes / 2**20:>10.1f} {p.vision_tokens_prefilled:>20}"
+                             f"{p.memory_bytes / 2**20:>12.1f} {p.measured_memory_bytes / 2**20:>12.1f} "
+                             f"{p.vision_tokens_prefilled:>20}"
                              + (f"  (n={t['n']})" if t["n"] != self.args.reps else ""))
         lines.append("")
-        lines.append(f"frames held (KV budget {self.args.budget_gib} GiB; 'x' = livevlm's frames / frames this system "
-                     "holds in livevlm's peak memory):")
+        lines.append(f"frames held, measured bytes (KV budget {self.args.budget_gib} GiB; 'x' = livevlm's frames / "
+                     "frames this system holds in livevlm's peak memory; reported bytes in brackets):")
         for name, entry in self.max_frames().items():
             if entry["frames_in_budget"] is None:
-                held = entry["note"] + (f" (held {entry['frames_held']} frames, at most {entry['peak_memory_bytes'] / 2**20:.1f} MiB)"
-                                        if "frames_held" in entry else "")
+                held = entry["note"] + (f" (held {entry['frames_held']} frames, at most "
+                                        f"{entry['peak_measured_memory_bytes'] / 2**20:.1f} MiB "
+                                        f"[{entry['peak_memory_bytes'] / 2**20:.1f}])" if "frames_held" in entry else "")
             else:
                 held = f"{entry['frames_in_budget']} frames in budget"
                 if "livevlm_ratio" in entry:
-                    held += f"; {entry['frames_in_livevlm_memory']} in livevlm's memory -> {entry['livevlm_ratio']:.1f}x"
+                    held += (f"; {entry['frames_in_livevlm_memory']} in livevlm's memory -> {entry['livevlm_ratio']:.1f}x "
+                             f"[{entry['frames_in_livevlm_memory_reported']} -> {entry['livevlm_ratio_reported']:.1f}x]")
             lines.append(f"  {name:<17} {held}")
         lines.append("")
         lines.append("targets (ratios from this run):")
         for key, value in self.targets().items():
-            lines.append(f"  {key:<48} {'not measured' if value is None else f'{value:.2f}'}")
+            lines.append(f"  {key:<56} {'not measured' if value is None else f'{value:.2f}'}")
         return "\n".join(lines)
 
     def save(self, out_dir: str, machine: str) -> str:
@@ -389,6 +591,7 @@ class Bench:
         path = os.path.join(out_dir, f"{stamp}-{machine}.json")
         data = {"date": stamp, "machine": machine, "platform": platform.platform(), "args": vars(self.args),
                 "results": {n: [p.__dict__ for p in ps] for n, ps in self.results.items()},
+                "kv_bytes_per_token": self.kv_bytes_per_token, "kv_block_tokens": self.kv_block_tokens,
                 "max_frames": self.max_frames(), "targets": self.targets()}
         with open(path, "w") as f:
             json.dump(data, f, indent=2, default=str)
@@ -402,11 +605,12 @@ class Bench:
         import matplotlib.pyplot as plt
 
         for key, label, scale, suffix in (("ttft_s", "TTFT (ms)", 1000, "ttft"),
-                                          ("memory_bytes", "session memory (MiB)", 1 / 2**20, "memory")):
+                                          ("measured_memory_bytes", "session memory, measured (MiB)", 1 / 2**20, "memory")):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for name, points in self.results.items():
                 xs = [p.frames for p in points if not p.skipped]
-                ys = [(p.ttft_s["median"] if key == "ttft_s" else p.memory_bytes) * scale for p in points if not p.skipped]
+                ys = [(p.ttft_s["median"] if key == "ttft_s" else p.measured_memory_bytes) * scale
+                      for p in points if not p.skipped]
                 if xs:
                     ax.plot(xs, ys, marker="o", label=name)
             ax.set_xscale("log", base=2)
@@ -423,10 +627,10 @@ class Bench:
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
-    from vllm_livevlm.testing.tiny_model import ensure_tiny_model
+    from vllm_livevlm.testing.tiny_model import PRESETS, ensure_tiny_model
 
     parser = argparse.ArgumentParser(prog="vllm-livevlm bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-preset", default="bench", choices=["tiny", "bench", "0.5b", "7b"])
+    parser.add_argument("--model-preset", default="bench", choices=sorted(PRESETS))
     parser.add_argument("--model", default=None, help="a checkpoint instead of a random preset model")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS))
     parser.add_argument("--lengths", default="16,64,256", help="stream lengths in frames, every system")

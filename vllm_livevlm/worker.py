@@ -41,13 +41,14 @@ class LiveVLMWorkerExtension:
         return _store().prepare(stream_id, RequestKind(kind), req_id)
 
     def livevlm_release(self, req_ids: list[str]) -> dict[str, Any]:
-        """Unpin finished requests; returns their retrieval reports (questions)."""
+        """Unpin finished requests; returns their reports: retrieval (questions), `repinned_version` (a
+        question that read another version than it was prepared on), `error` and `reask` (failed)."""
         store = _store()
         reports = store.take_retrieval_reports(req_ids)
         for req_id in req_ids:
-            failure = store.failure_of(req_id)
+            failure = store.take_failure(req_id)
             if failure is not None:
-                reports.setdefault(req_id, {})["error"] = failure
+                reports.setdefault(req_id, {}).update(error=failure[0], reask=failure[1])
         store.release(req_ids)
         return reports
 
