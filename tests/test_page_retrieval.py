@@ -32,9 +32,19 @@ def test_planted_page_is_retrieved_in_every_layer_wherever_it_sits():
             assert chosen.tolist() == sorted(chosen.tolist())  # temporal order
 
 
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 1e6) -> torch.Tensor:
+    """RoPE (neox layout, Qwen2's theta) of x [L, n, H, D] at `positions` [n]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x[..., :DIM // 2], x[..., DIM // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def test_page_score_is_position_agnostic():
     """The same clip content ingested at a different stream position gives the same page summaries and
-    scores: raw keys are stored pre-RoPE, so a page's summary does not depend on where it sits."""
+    scores, because the store keeps raw (pre-RoPE) keys; the control shows the check can fail: the same
+    content stored rotated at its stream positions (what vLLM's paged cache holds) scores differently."""
     gen = torch.Generator().manual_seed(1)
     config = LiveVLMConfig(clip_frames=1, short_term_frames=0, page_tokens=PAGE, long_term_budget_tokens=None)
     sinks = torch.randn(LAYERS, 3, KV_HEADS, DIM, generator=gen)
@@ -42,21 +52,28 @@ def test_page_score_is_position_agnostic():
     content_v = torch.randn(LAYERS, 2 * PAGE, KV_HEADS, DIM, generator=gen)
     filler_k = torch.randn(LAYERS, 3 * PAGE, KV_HEADS, DIM, generator=gen)
 
-    def ingest(clips):
+    def ingest(clips, rotated: bool = False):
         memory = StreamMemory.from_sinks(config, sinks, sinks)
         for frame, (k, v) in enumerate(clips):
+            if rotated:
+                first = memory.num_sinks + memory.tokens_seen
+                k = _rope(k, torch.arange(first, first + k.shape[1]))
             scores = torch.rand(LAYERS, memory.num_ltm + memory.num_stm + k.shape[1], KV_HEADS, generator=gen)
             memory = memory.commit_clip(ClipKV(k, v, torch.full((k.shape[1],), frame), scores))
         return memory
 
-    early = ingest([(content_k, content_v), (filler_k, filler_k)])
-    late = ingest([(filler_k, filler_k), (content_k, content_v)])
     query = retrieval.average_query(torch.randn(9, Q_HEADS, DIM, generator=gen), KV_HEADS)
-    for layer in range(LAYERS):
-        s_early = retrieval.page_scores(query, early.ltm_summary[layer])
-        s_late = retrieval.page_scores(query, late.ltm_summary[layer])
-        assert torch.equal(s_early[0:2], s_late[3:5])  # content pages 0-1 early, 3-4 late
-        assert torch.equal(early.ltm_summary[layer, 0:2], late.ltm_summary[layer, 3:5])
+    for rotated in (False, True):
+        early = ingest([(content_k, content_v), (filler_k, filler_k)], rotated)
+        late = ingest([(filler_k, filler_k), (content_k, content_v)], rotated)
+        for layer in range(LAYERS):
+            s_early = retrieval.page_scores(query, early.ltm_summary[layer])[0:2]  # content pages 0-1 early,
+            s_late = retrieval.page_scores(query, late.ltm_summary[layer])[3:5]    # 3-4 late
+            if rotated:
+                assert not torch.allclose(s_early, s_late, rtol=0.05, atol=0.05)
+            else:
+                assert torch.equal(s_early, s_late)
+                assert torch.equal(early.ltm_summary[layer, 0:2], late.ltm_summary[layer, 3:5])
 
 
 def test_layout_counts_and_tail_page():

@@ -42,6 +42,8 @@ def test_real_shapes_presets():
     assert (PRESETS["7b"].hidden_size, PRESETS["7b"].num_hidden_layers, PRESETS["7b"].num_key_value_heads) == (3584, 28, 4)
     assert (PRESETS["0.5b"].hidden_size, PRESETS["0.5b"].num_hidden_layers) == (896, 24)
     assert PRESETS["bench"].hidden_size == 512 and PRESETS["bench"].num_hidden_layers == 8
+    gqa = PRESETS["tiny-gqa"]  # grouped-query attention, head_dim 64
+    assert (gqa.num_attention_heads, gqa.num_key_value_heads, gqa.hidden_size // gqa.num_attention_heads) == (4, 2, 64)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.cpu_kv import kv_pool_args
 from vllm_livevlm.streams import (Answer, ClipResult, LiveStream, StreamClosed, StreamEngine, engine_args_for,
                                   tokens_per_frame_of)
 
@@ -39,6 +40,7 @@ class LiveVLM:
 
         self.config = LiveVLMConfig.coerce(config)
         args = engine_args_for(model, self.config, tokens_per_frame_of(model), **engine_args)
+        args.update(kv_pool_args(model, args))  # on CPU, a pool that fits the machine unless the user sized one
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="livevlm-engine-loop", daemon=True)
         self._thread.start()

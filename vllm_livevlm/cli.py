@@ -29,6 +29,7 @@ SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 def serve_command(model: str, config: LiveVLMConfig, vllm_args: list[str],
                   limits: dict[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start vLLM's server with LiveVLM (flags the user gave win)."""
+    from vllm_livevlm.cpu_kv import kv_pool_args
     from vllm_livevlm.service_env import livevlm_env
     from vllm_livevlm.streams import engine_args_for, tokens_per_frame_of
 
@@ -45,8 +46,21 @@ def serve_command(model: str, config: LiveVLMConfig, vllm_args: list[str],
             flags.append(flag.replace("--", "--no-", 1))
         else:
             flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    for name, value in kv_pool_args(model, _user_engine_args(vllm_args)).items():
+        flags += ["--" + name.replace("_", "-"), str(value)]
     command = [sys.executable, "-m", SERVER_MODULE, "--model", model, *flags, *vllm_args]
     return command, livevlm_env(config, limits)
+
+
+def _user_engine_args(vllm_args: list[str]) -> dict[str, str]:
+    """The vLLM flags `kv_pool_args` looks at, as engine-argument names (`--x-y V`, `--x-y=V`, `-tp V`)."""
+    found: dict[str, str] = {}
+    for i, arg in enumerate(vllm_args):
+        flag, _, value = arg.partition("=")
+        name = {"-tp": "tensor_parallel_size"}.get(flag, flag.removeprefix("--").replace("-", "_"))
+        if name in ("kv_cache_memory_bytes", "gpu_memory_utilization", "tensor_parallel_size"):
+            found[name] = value or (vllm_args[i + 1] if i + 1 < len(vllm_args) else "")
+    return found
 
 
 def _serve(argv: list[str]) -> None:

@@ -9,7 +9,8 @@ Conventions it shares with the plugin because the spec leaves them open (all mar
 a clip's tokens are its frames' tokens plus the newline closing the video; stream token ids count clip
 tokens from 0; the score of a token is, per KV head, the mean over the clip's last `score_queries`
 vision queries (the newline excluded) and over that head's query heads; per-layer selection uses the sum
-over KV heads; the newest partial long-term page is always read.
+over KV heads (per-head selection, `per_head_selection`, each head's own score); the newest partial
+long-term page is always read.
 """
 
 from __future__ import annotations
@@ -24,17 +25,30 @@ from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 @dataclass
 class LayerMemory:
-    """One layer's memory: raw keys / values [n, H, D], a score per token and KV head, stream token ids."""
+    """One layer's memory: raw keys / values [n, H, D], a score per slot and KV head, and per slot the stream
+    token id and frame held by each KV head (the same for every head unless selection is per head)."""
 
     k: torch.Tensor
     v: torch.Tensor
     score: torch.Tensor
-    ids: list[int] = field(default_factory=list)
-    frames: list[int] = field(default_factory=list)
+    ids: list[tuple[int, ...]] = field(default_factory=list)
+    frames: list[tuple[int, ...]] = field(default_factory=list)
 
     def take(self, index: list[int]) -> "LayerMemory":
         return LayerMemory(self.k[index], self.v[index], self.score[index],
                            [self.ids[i] for i in index], [self.frames[i] for i in index])
+
+    def take_per_head(self, index: list[list[int]]) -> "LayerMemory":
+        """Head h keeps slots `index[h]` (every head the same number): per-head selection."""
+        heads = range(len(index))
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([t[index[h], h] for h in heads], dim=1)
+
+        def pick_list(values: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+            return [tuple(values[index[h][i]][h] for h in heads) for i in range(len(index[0]))]
+
+        return LayerMemory(pick(self.k), pick(self.v), pick(self.score), pick_list(self.ids), pick_list(self.frames))
 
     def __add__(self, other: "LayerMemory") -> "LayerMemory":
         return LayerMemory(torch.cat([self.k, other.k]), torch.cat([self.v, other.v]),
@@ -131,8 +145,8 @@ class ReferenceLiveVLM:
         positions = torch.arange(hidden.shape[0])
         for layer in self.layers:
             q, k, v = self.qkv(layer, hidden)
-            self.sinks.append(LayerMemory(k.clone(), v.clone(), torch.zeros(len(k), self.kv_heads),
-                                          [-1] * len(k), [-1] * len(k)))
+            none = [(-1,) * self.kv_heads] * len(k)
+            self.sinks.append(LayerMemory(k.clone(), v.clone(), torch.zeros(len(k), self.kv_heads), none, none))
             empty = LayerMemory(k[:0].clone(), v[:0].clone(), torch.zeros(0, self.kv_heads))
             self.ltm.append(empty)
             self.stm.append(empty)
@@ -174,27 +188,37 @@ class ReferenceLiveVLM:
                 self.stm[index].score = scores[len(self.ltm[index]): n_old]
             else:
                 self.stm[index].score = scores[:n_old]
-            new_stm.append(LayerMemory(k.clone(), v.clone(), scores[n_old:], ids, clip_frames))
+            new_stm.append(LayerMemory(k.clone(), v.clone(), scores[n_old:], [(i,) * self.kv_heads for i in ids],
+                                       [(f,) * self.kv_heads for f in clip_frames]))
             hidden = self.finish_layer(layer, hidden, q_rot, torch.cat([ctx_k, k_rot]), torch.cat([context.v, v]), p)
         self.tokens_seen += n
         self.frames_seen += len(frames)
         for index in range(len(self.layers)):
             stm = self.stm[index] + new_stm[index]
-            old = [i for i, f in enumerate(stm.frames) if f < self.frames_seen - cfg["short_term_frames"]]
+            old = [i for i, f in enumerate(stm.frames) if f[0] < self.frames_seen - cfg["short_term_frames"]]
             young = [i for i in range(len(stm)) if i not in set(old)]
             ltm = self.ltm[index] + stm.take(old)
             budget = cfg["long_term_budget_tokens"]
             if budget is not None and len(ltm) > budget:
-                keep = vsb_keep(ltm.score.sum(dim=1).tolist(), budget, cfg["bucket_capacity"],
-                                int(cfg["score_fraction"] * budget))
-                ltm = ltm.take(keep)
+                keep = int(cfg["score_fraction"] * budget)
+                if cfg.get("per_head_selection"):  # each KV head ranks by its own score
+                    ltm = ltm.take_per_head([vsb_keep(ltm.score[:, h].tolist(), budget, cfg["bucket_capacity"], keep)
+                                             for h in range(self.kv_heads)])
+                else:
+                    ltm = ltm.take(vsb_keep(ltm.score.sum(dim=1).tolist(), budget, cfg["bucket_capacity"], keep))
             self.ltm[index], self.stm[index] = ltm, stm.take(young)
 
     def kept_ids(self) -> list[list[int]]:
-        return [memory.ids for memory in self.ltm]
+        """Per layer the long-term token ids (of KV head 0: every head's, unless selection is per head)."""
+        return [[ids[0] for ids in memory.ids] for memory in self.ltm]
+
+    def kept_ids_per_head(self) -> list[list[list[int]]]:
+        return [[[ids[h] for ids in memory.ids] for h in range(self.kv_heads)] for memory in self.ltm]
 
     @torch.no_grad()
-    def ask(self, question: str, max_tokens: int) -> list[int]:
+    def ask(self, question: str, max_tokens: int, forced: list[int] | None = None) -> list[int]:
+        """The greedy answer; with `forced`, the top-1 token at each step while decoding `forced` instead
+        (teacher forcing: compares another implementation's answer token by token)."""
         cfg = self.cfg
         ids = self.tokenizer.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
         caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -226,11 +250,11 @@ class ReferenceLiveVLM:
             hidden = self.finish_layer(layer, hidden, self.rotate(q, positions), keys, values, p)
         answer: list[int] = []
         next_position = caches[0][0].shape[0]
-        for _ in range(max_tokens):
+        for _ in range(len(forced) if forced else max_tokens):
             logits = self.model.lm_head(self.model.model.language_model.norm(hidden[-1:]))
             token = int(logits[0].argmax())
             answer.append(token)
-            hidden = self.embed_tokens([token])
+            hidden = self.embed_tokens([forced[len(answer) - 1] if forced else token])
             position = torch.tensor([next_position])
             for index, layer in enumerate(self.layers):
                 q, k, v = self.qkv(layer, hidden)

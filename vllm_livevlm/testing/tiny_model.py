@@ -5,7 +5,7 @@ safetensors (vision tower keys renamed to the `vision_tower.vision_model.*` name
 tokenizer trained on the fly with the Qwen2 chat special tokens plus `<image>` / `<video>`, and the HF
 processor with the chat template. Same preset and seed ⇒ byte-identical weights.
 
-    python -m vllm_livevlm.testing.tiny_model OUT [--preset tiny|bench|0.5b|7b] [--seed 0]
+    python -m vllm_livevlm.testing.tiny_model OUT [--preset tiny|tiny-gqa|bench|0.5b|7b] [--seed 0]
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Fast tests: head_dim 64 (CPU attention needs >= 32), 2 layers.
     "tiny": Preset(128, 256, 2, 2, 1, 32, 64, 2, 2, initializer_range=0.15),
+    # The same, with grouped-query attention as real checkpoints have it: 4 query heads over 2 KV heads.
+    "tiny-gqa": Preset(256, 256, 2, 4, 2, 32, 64, 2, 2, initializer_range=0.15),
     # CPU benchmarks: 8 layers, hidden 512, head_dim 64.
     # Long context so the vanilla baselines can hold long streams in benchmarks.
     "bench": Preset(512, 1408, 8, 8, 2, 128, 512, 4, 2, initializer_range=0.08, max_position_embeddings=262144),
