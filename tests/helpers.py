@@ -29,6 +29,42 @@ def live_engine(model_dir: str, config: dict) -> Iterator:
     engine.shutdown()
 
 
+def tiny_shape(model_dir: str):
+    """The float32 `ModelShape` of a tiny checkpoint (196 tokens per frame)."""
+    from transformers import AutoConfig
+
+    from vllm_livevlm.memory.budget import ModelShape
+
+    text = AutoConfig.from_pretrained(model_dir).text_config
+    return ModelShape(text.num_hidden_layers, text.num_key_value_heads,
+                      text.hidden_size // text.num_attention_heads, 4, 196, text.num_attention_heads)
+
+
+def stream_reservation(model_dir: str, config: dict) -> int:
+    """Store bytes a server reserves for one stream of `config` (float32, sinks = the bare user turn): one
+    snapshot's bound."""
+    from transformers import AutoTokenizer
+
+    from vllm_livevlm.config import LiveVLMConfig
+    from vllm_livevlm.memory.budget import memory_bound_bytes
+
+    sinks = len(AutoTokenizer.from_pretrained(model_dir).encode("<|im_start|>user\n", add_special_tokens=False))
+    return memory_bound_bytes(LiveVLMConfig.from_dict(config), tiny_shape(model_dir), sinks)
+
+
+def server_reservation(model_dir: str, largest_bound: int, limits: dict | None = None,
+                       batched_tokens: int = 8192) -> int:
+    """What a server reserves besides its streams' bounds (`StreamService`): the largest bound (the version
+    one commit builds), a step's captured clip K/V, and the scoring reserve fixed by its limits."""
+    from vllm_livevlm.memory.budget import capture_bytes, scoring_reserve_bytes
+    from vllm_livevlm.serving.service import ServerLimits
+
+    limits = ServerLimits(**(limits or {}))
+    shape = tiny_shape(model_dir)
+    return (largest_bound + capture_bytes(shape, batched_tokens)
+            + scoring_reserve_bytes(shape, limits.max_stream_bytes, limits.max_clip_frames))
+
+
 def free_port() -> int:
     import socket
 

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from helpers import Server
+from helpers import Server, server_reservation, stream_reservation
 
 pytestmark = pytest.mark.slow
 
@@ -31,33 +31,20 @@ TTL = 8.0
 QUESTIONS_PER_STREAM = 2
 
 
-def _reservation(model_dir: str) -> int:
-    """Store bytes the server reserves for one stream of CONFIG: a snapshot's bound times (2 + questions in
-    flight per stream), the snapshots one stream can hold at once."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from vllm_livevlm.config import LiveVLMConfig
-    from vllm_livevlm.memory.budget import ModelShape, memory_bound_bytes
-
-    text = AutoConfig.from_pretrained(model_dir).text_config
-    shape = ModelShape(text.num_hidden_layers, text.num_key_value_heads,
-                       text.hidden_size // text.num_attention_heads, 4, 196)
-    sinks = len(AutoTokenizer.from_pretrained(model_dir).encode("<|im_start|>user\n", add_special_tokens=False))
-    return (2 + QUESTIONS_PER_STREAM) * memory_bound_bytes(LiveVLMConfig.from_dict(CONFIG), shape, sinks)
-
-
 @pytest.fixture(scope="module")
 def reservation(tiny_model_dir) -> int:
-    return _reservation(tiny_model_dir)
+    return stream_reservation(tiny_model_dir, CONFIG)
 
 
 @pytest.fixture(scope="module")
-def limits(reservation) -> dict:
-    return {"max_streams": 12, "max_total_store_bytes": int(10.5 * reservation),
-            "max_stream_bytes": int(1.5 * reservation), "max_frames_per_request": 32, "max_pending_frames": 48,
-            "max_frame_side": 256, "max_question_chars": 2000, "stream_ttl_seconds": TTL,
-            "max_questions_per_stream": QUESTIONS_PER_STREAM,
-            "shutdown_grace_seconds": 60}
+def limits(tiny_model_dir, reservation) -> dict:
+    limits = {"max_streams": 12, "max_stream_bytes": int(1.5 * reservation), "max_frames_per_request": 32,
+              "max_pending_frames": 48, "max_frame_side": 256, "max_question_chars": 2000,
+              "stream_ttl_seconds": TTL, "max_questions_per_stream": QUESTIONS_PER_STREAM,
+              "shutdown_grace_seconds": 60}
+    # Room for 10.5 streams besides what the server reserves once (one commit, captures, scoring).
+    limits["max_total_store_bytes"] = int(10.5 * reservation) + server_reservation(tiny_model_dir, reservation, limits)
+    return limits
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +188,8 @@ def test_store_limit_refuses_streams_with_503_never_oom(server, reservation, lim
         held.append((r.json()["id"], {**AUTH, "X-Stream-Token": r.json()["token"]}))
     assert r.status_code == 503 and "session store is full" in r.json()["error"]["message"], r.text
     assert len(held) == 10  # 10.5 reservations fit in the limit
-    assert _engine(url)["reserved_bytes"] == 10 * reservation <= limits["max_total_store_bytes"]
+    assert _engine(url)["stream_reserved_bytes"] == 10 * reservation
+    assert _engine(url)["reserved_bytes"] + _engine(url)["scoring_reserve_bytes"] <= limits["max_total_store_bytes"]
     for stream_id, owner in held:
         assert requests.delete(f"{url}/v1/video/streams/{stream_id}", headers=owner).status_code == 200
     again, again_owner = _create(url)  # room again

@@ -165,9 +165,9 @@ def test_bad_input_gets_clear_4xx_and_the_server_keeps_serving(server, client, t
     error(requests.get(f"{server}/v1/video/streams/nope"), 404, "no video stream with id 'nope'")
     error(requests.post(f"{server}/v1/video/streams/nope/frames", json={"frames": []}), 404, "nope")
     error(requests.post(frames_url, headers=owner, files=[("frames", ("x.jpg", b"\xff\xd8garbage", "image/jpeg"))]),
-          400, "not a decodable JPEG or PNG")
+          400, "has no readable size in its header")
     error(requests.post(frames_url, data=b"not a video", headers={"Content-Type": "video/mp4", **owner}),
-          400, "not a video that can be decoded")
+          415, "not an mp4/mov or webm/mkv file")
     error(requests.post(frames_url, data=b"hello", headers={"Content-Type": "text/plain", **owner}), 415,
           "unsupported content type")
     error(requests.post(frames_url, headers=owner, files=[("frames", ("a.jpg", _jpeg(_frames(1, 1, 32)[0]), "image/jpeg")),
@@ -203,7 +203,10 @@ def test_websocket_frames_and_questions(server, tiny_model_dir):
     stream_id, owner = _create(server)
 
     async def session():
-        async with websockets.connect(f"{server.replace('http', 'ws')}/v1/video/streams/{stream_id}/ws?token={owner['X-Stream-Token']}") as ws:
+        # A browser's credentials: subprotocols (its WebSocket cannot set headers); the server selects `livevlm`.
+        async with websockets.connect(f"{server.replace('http', 'ws')}/v1/video/streams/{stream_id}/ws",
+                                      subprotocols=["livevlm", f"livevlm.token.{owner['X-Stream-Token']}"]) as ws:
+            assert ws.subprotocol == "livevlm"
             for frame in _frames(9, 5):
                 await ws.send(_jpeg(frame))
                 assert json.loads(await ws.recv())["type"] == "frames.accepted"

@@ -93,7 +93,7 @@ def _bytes_bound(lv, config, sinks: int) -> int:
     text = lv.engine.model_config.hf_config.text_config
     layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
     head_dim = text.hidden_size // text.num_attention_heads
-    stm = config["short_term_frames"] * TOKENS_PER_FRAME + 1
+    stm = config["short_term_frames"] * (TOKENS_PER_FRAME + 1)  # a newline may close each short-term frame
     tokens = sinks + config["long_term_budget_tokens"] + stm
     per_token_layer = 2 * kv_heads * head_dim * 4 + kv_heads * 4  # float32 K and V, one score per KV head
     ids = layers * kv_heads * config["long_term_budget_tokens"] * 16 + stm * 16  # token ids + frames (int64)
@@ -265,6 +265,51 @@ def test_a_clip_aborted_by_the_engine_is_encoded_again_and_answers_do_not_change
     assert (stats["frames"], stats["pending_frames"]) == (4, 4)  # nothing committed, nothing lost
     assert lv.engine_stats()["free_blocks"] == free_at_start
     assert len(lv._run(stream.core.encode_ready())) == 1
+    assert stream.ask(QUESTION, greedy(8)).token_ids == expected
+    stream.close()
+
+
+def test_a_flush_on_question_is_encoded_in_clips_of_at_most_clip_frames(lv):
+    stream = lv.open_stream({"clip_frames": 4})
+    stream.core.accept(random_video(5, 10))  # buffered, none encoded yet
+    assert stream.ask(QUESTION, greedy(4)).frames_covered == 10
+    stats = stream.stats()
+    assert (stats["clips"], stats["frames"], stats["pending_frames"], stats["frames_encoded"]) == (3, 10, 0, 10)
+    stream.close()
+
+
+def test_the_flush_clip_of_a_cancelled_question_is_queued_again(lv):
+    """A question cancelled (its client went away) while its flush clip waits in the engine: the clip's
+    frames go back to the head of the queue and the next answer equals an undisturbed stream's."""
+    config = {"clip_frames": 4, "long_term_budget_tokens": 256, "page_tokens": 16}
+    video = random_video(17, 6)
+    undisturbed = lv.open_stream(config)
+    undisturbed.append(video)
+    expected = undisturbed.ask(QUESTION, greedy(8)).token_ids
+    undisturbed.close()
+
+    stream = lv.open_stream(config)
+    stream.append(video[:4])
+    stream.core.accept(video[4:])  # 2 frames pending: the question flushes them first
+    free_at_start = lv.engine_stats()["free_blocks"]
+
+    async def cancel_during_the_flush() -> BaseException | None:
+        engine = lv.engine
+        await engine.pause_generation(mode="keep", clear_cache=False)  # the clip cannot run meanwhile
+        try:
+            asking = asyncio.create_task(stream.core.ask(QUESTION, greedy(8)))
+            while not any(r.startswith(f"lv-clip-{stream.id}") for r in engine.output_processor.external_req_ids):
+                await asyncio.sleep(0)
+            asking.cancel()
+            # Settled while paused: the abort reaches the engine core before the scheduler may run the clip.
+            return (await asyncio.gather(asking, return_exceptions=True))[0]
+        finally:
+            await engine.resume_generation()
+
+    assert isinstance(lv._run(cancel_during_the_flush()), asyncio.CancelledError)
+    stats = stream.stats()
+    assert (stats["frames"], stats["pending_frames"], stats["frames_received"], stats["frames_dropped"]) == (4, 2, 6, 0)
+    assert lv.engine_stats()["free_blocks"] == free_at_start
     assert stream.ask(QUESTION, greedy(8)).token_ids == expected
     stream.close()
 

@@ -37,6 +37,15 @@ class StreamClosed(RuntimeError):
     """The stream was closed (or never opened); it accepts no frames and answers no questions."""
 
 
+class StreamFailed(RuntimeError):
+    """The engine failed a request of the stream: its memory can no longer be served consistently."""
+
+
+class QuestionRaced(RuntimeError):
+    """A question's snapshot was replaced before the question ran (or before vLLM recomputed it after a
+    preemption) by one of another context size; the stream is fine and the question can be asked again."""
+
+
 @dataclass
 class Answer:
     text: str
@@ -49,6 +58,10 @@ class Answer:
     retrieved_pages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     retrieved_page_indices: dict[int, list[int]] = field(default_factory=dict)  # page numbers, same order
     timings: dict[str, float] = field(default_factory=dict)  # seconds: flush, ttft, total, retrieval
+    # Set when the question read a later version than it was prepared on (its own waited behind a clip, or
+    # vLLM preempted and recomputed it), or was asked a second time because that version was gone.
+    repinned_version: int | None = None
+    reasked: bool = False
 
 
 @dataclass
@@ -130,7 +143,11 @@ class StreamEngine:
         """Open a stream (config overrides on the engine's config) and encode its sinks."""
         # 128 random bits: a stream id is unguessable.
         stream = LiveStream(self, stream_id or secrets.token_hex(16), self.resolve_config(config), system_prompt)
-        await stream._open()
+        try:
+            await stream._open()
+        except BaseException:  # failed or cancelled: the store may hold the stream already
+            await stream.close()
+            raise
         self.streams[stream.id] = stream
         return stream
 
@@ -150,7 +167,8 @@ class StreamEngine:
         """Run one LiveVLM request to completion; returns its final output and its retrieval report.
 
         The snapshot pin is released here as soon as the request ends (the connector also releases it
-        when the engine finishes the request, but only with the engine's next step)."""
+        when the engine finishes the request, but only with the engine's next step). The parameters are
+        signed (`LiveVLMParams.to_kv_transfer_params`): the engine runs no unsigned LiveVLM request."""
         params = dataclasses.replace(params, request_id=request_id)
         extra = dict(sampling_params.extra_args or {})
         extra["kv_transfer_params"] = params.to_kv_transfer_params()
@@ -163,9 +181,15 @@ class StreamEngine:
                     on_output(output)
         finally:
             report = (await self.rpc("livevlm_release", [request_id])).get(request_id, {})
+        if report.get("reask"):
+            raise QuestionRaced(f"LiveVLM request {request_id}: {report['error']}")
         if "error" in report:
-            raise RuntimeError(f"LiveVLM request failed: {report['error']}")
-        assert output is not None
+            raise StreamFailed(f"LiveVLM request failed: {report['error']}")
+        if output is None:
+            raise RuntimeError(f"LiveVLM request {request_id}: the engine returned no output")
+        refused = (output.kv_transfer_params or {}).get("livevlm_error")
+        if refused:
+            raise RuntimeError(f"LiveVLM request {request_id} was refused by the engine: {refused}")
         return output, report
 
 
@@ -181,10 +205,12 @@ class LiveStream:
         self.last_activity = self.created
         self.frames_received = 0
         self.frames_encoded = 0
+        self.frames_dropped = 0  # by backpressure (`drop_oldest_pending`)
         self.clips_encoded = 0
         self.closed = False
-        self._pending: list[np.ndarray] = []
-        self._pending_since: list[float] = []  # arrival time of each pending frame
+        self._pending: list[np.ndarray] = []  # queued, oldest first
+        self._pending_since: list[float] = []  # arrival time of each queued frame
+        self._in_flight = 0  # frames of the clip being encoded: back to the queue unless committed
         self._frame_shape: tuple[int, ...] | None = None
         self._history: list[tuple[str, str]] = []  # earlier (question, answer) turns, text only
         self._clip_lock = asyncio.Lock()
@@ -211,11 +237,27 @@ class LiveStream:
         """Drop up to `count` of the oldest frames not yet encoded (backpressure); returns how many."""
         count = max(0, min(count, len(self._pending)))
         del self._pending[:count], self._pending_since[:count]
+        self.frames_dropped += count
         return count
 
     @property
     def oldest_pending_at(self) -> float | None:
         return self._pending_since[0] if self._pending_since else None
+
+    @property
+    def pending_frames(self) -> int:
+        """Frames received and not encoded yet: queued, or in the clip being encoded (they still cost memory
+        and return to the queue if that clip is not committed)."""
+        return len(self._pending) + self._in_flight
+
+    @property
+    def frames_in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def pending_bytes(self) -> int:
+        """What the pending frames hold in memory (a stream's frames share one shape)."""
+        return self.pending_frames * math.prod(self._frame_shape) if self._frame_shape else 0
 
     def touch(self) -> None:
         """Record client activity (idle streams expire on servers)."""
@@ -225,8 +267,8 @@ class LiveStream:
         """Encode every complete clip among the buffered frames, in order."""
         results = []
         while len(self._pending) >= self.config.clip_frames and not self.closed:
-            clip = await self._encode_clip(self.config.clip_frames)
-            if clip is None:  # aborted: its frames wait for the next round
+            clip = await self._encode_clip(flush=False)
+            if clip is None:  # aborted, or a question flushed the frames meanwhile
                 break
             results.append(clip)
         return results
@@ -235,10 +277,6 @@ class LiveStream:
         """Buffer frames and return once every complete clip is encoded."""
         self.accept(frames, timestamps)
         return await self.encode_ready()
-
-    @property
-    def pending_frames(self) -> int:
-        return len(self._pending)
 
     # ---- questions -------------------------------------------------------------------------------------
     async def ask(self, question: str, sampling_params: Any = None,
@@ -250,23 +288,20 @@ class LiveStream:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question must be a non-empty string")
         start = time.perf_counter()
-        if self.config.flush_on_question and self._pending and not self._clip_lock.locked():
-            # Idle stream: encode the partial clip so the answer covers every frame received. With a
-            # backlog being encoded the question does not wait; it answers from what is encoded.
-            await self._encode_clip(len(self._pending))
+        # Idle stream: encode what is queued (in clips of at most `clip_frames`) so the answer covers every
+        # frame received. With a backlog being encoded the question does not wait; it answers from what is
+        # encoded.
+        while self.config.flush_on_question and self._pending and not self._clip_lock.locked():
+            if await self._encode_clip(flush=True) is None:
+                break  # nothing encoded (the engine aborted the clip): its frames wait for the next round
         flushed = time.perf_counter()
         sampling = (sampling_params.clone() if sampling_params is not None
                     else SamplingParams(max_tokens=64, temperature=0.0))
         sampling.output_kind = RequestOutputKind.CUMULATIVE
-        req_id = f"lv-question-{self.id}-{uuid.uuid4().hex[:12]}"
-        snapshot = await self.engine.rpc("livevlm_prepare", self.id, RequestKind.QUESTION.value, req_id)
-        frames_covered = snapshot["frames"]
-        params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"])
         history = self._history[-self.config.history_turns:] if self.config.history_turns else []
         turn = "".join(HISTORY_TURN.format(question=q, answer=a) for q, a in history)
         turn += QUESTION_TURN.format(question=question)
         question_tokens = self.engine.tokenizer.encode(turn, add_special_tokens=False)
-        prompt = {"prompt_token_ids": [self.engine.placeholder_token_id] * params.context_tokens + question_tokens}
         first_token_at: float | None = None
         sent = 0
 
@@ -279,7 +314,30 @@ class LiveStream:
                 on_delta(completion.text[sent:])
                 sent = len(completion.text)
 
-        output, report = await self.engine.submit(prompt, sampling, req_id, params, on_output)
+        reasked = False
+        while True:
+            req_id = f"lv-question-{self.id}-{uuid.uuid4().hex[:12]}"
+            try:
+                snapshot = await self._rpc("livevlm_prepare", self.id, RequestKind.QUESTION.value, req_id)
+            except BaseException:  # cancelled meanwhile, say: the pin must not outlive the question
+                await self._unpin(req_id)
+                raise
+            params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"])
+            prompt = {"prompt_token_ids": [self.engine.placeholder_token_id] * params.context_tokens + question_tokens}
+            try:
+                output, report = await self.engine.submit(prompt, sampling, req_id, params, on_output)
+                break
+            except QuestionRaced as e:
+                # Asked again once, and only if nothing of the failed attempt reached the caller.
+                if reasked or sent:
+                    self._raise_if_closed(e)
+                    raise
+                reasked, first_token_at = True, None
+                logger.info("stream %s: %s; asking again", self.id, e)
+            except Exception as e:
+                self._raise_if_closed(e)
+                raise
+        frames_covered = report.get("frames_covered", snapshot["frames"])
         end = time.perf_counter()
         completion = output.outputs[0]
         if self.config.history_turns:
@@ -292,21 +350,26 @@ class LiveStream:
             retrieved_pages={int(layer): [tuple(r) for r in ranges] for layer, ranges in report.get("pages", {}).items()},
             retrieved_page_indices={int(layer): list(p) for layer, p in report.get("page_indices", {}).items()},
             timings={"flush": flushed - start, "ttft": (first_token_at or end) - flushed, "total": end - start,
-                     "retrieval": report.get("seconds", 0.0)})
+                     "retrieval": report.get("seconds", 0.0)},
+            repinned_version=report.get("repinned_version"), reasked=reasked)
 
     # ---- state --------------------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
+        """The memory's stats and the frame counters; `frames_received == frames_encoded + pending_frames +
+        frames_dropped` always holds."""
         self.check_open()
-        stats = await self.engine.rpc("livevlm_stats", self.id)
-        stats.update(pending_frames=len(self._pending), frames_received=self.frames_received,
-                     frames_encoded=self.frames_encoded)
+        stats = await self._rpc("livevlm_stats", self.id)
+        self.check_open()  # closed while the RPC ran: its queue is gone, the counters describe nothing
+        stats.update(pending_frames=self.pending_frames, pending_bytes=self.pending_bytes,
+                     frames_received=self.frames_received, frames_encoded=self.frames_encoded,
+                     frames_dropped=self.frames_dropped)
         return stats
 
     async def kept_tokens(self) -> dict[str, Any]:
         """Which stream tokens the memory holds: `long_term[layer][kv_head]` and `short_term` token ids
         (clip tokens numbered from 0 in arrival order, one newline token closing each clip)."""
         self.check_open()
-        return await self.engine.rpc("livevlm_kept_tokens", self.id)
+        return await self._rpc("livevlm_kept_tokens", self.id)
 
     async def close(self) -> int:
         """Free the stream's memory; returns the bytes freed. Closing twice is harmless."""
@@ -316,13 +379,37 @@ class LiveStream:
         self._pending.clear()
         self._pending_since.clear()
         self.engine.streams.pop(self.id, None)
-        if self._clip_request is not None:
-            await self.engine.engine.abort(self._clip_request)  # its result would be dropped anyway
-        return await self.engine.rpc("livevlm_close_stream", self.id)
+        try:
+            if self._clip_request is not None:
+                await self.engine.engine.abort(self._clip_request)  # its result would be dropped anyway
+        finally:
+            freed = await self.engine.rpc("livevlm_close_stream", self.id)
+        return freed
 
     def check_open(self) -> None:
         if self.closed:
             raise StreamClosed(f"stream {self.id} is closed")
+
+    def _raise_if_closed(self, error: BaseException) -> None:
+        """A request that failed because its stream closed meanwhile reports the close, not the failure."""
+        if self.closed:
+            raise StreamClosed(f"stream {self.id} was closed") from error
+
+    async def _rpc(self, method: str, *args: Any) -> Any:
+        """A worker RPC about this stream (a stream closed meanwhile raises `StreamClosed`)."""
+        try:
+            return await self.engine.rpc(method, *args)
+        except Exception as e:  # the store forgot the stream; engine-process errors arrive untyped
+            self._raise_if_closed(e)
+            raise
+
+    async def _unpin(self, req_id: str) -> None:
+        """Release a request's pin whatever happened to it (`submit` releases those it ran; releasing twice
+        is harmless)."""
+        try:
+            await self.engine.rpc("livevlm_release", [req_id])
+        except Exception:
+            logger.warning("stream %s: could not release request %s", self.id, req_id, exc_info=True)
 
     # ---- internals ----------------------------------------------------------------------------------------
     async def _open(self) -> None:
@@ -330,44 +417,80 @@ class LiveStream:
         await self.engine.submit({"prompt_token_ids": self.engine.sinks_prompt(self.system_prompt)}, _one_token(),
                                  f"lv-sinks-{self.id}", LiveVLMParams(self.id, RequestKind.SINKS))
 
-    async def _encode_clip(self, num_frames: int) -> ClipResult | None:
-        """Encode the oldest `num_frames` pending frames as one clip. If the engine aborts the clip's request
-        before it ran, its frames go back to the front of the queue and None is returned: the memory never
-        holds half a clip and no frame is lost."""
+    async def _encode_clip(self, flush: bool) -> ClipResult | None:
+        """Encode the oldest `clip_frames` queued frames as one clip (`flush`: up to `clip_frames`, a partial
+        clip). A clip the memory did not commit (aborted by the engine, cancelled, failed) puts its frames back
+        at the head of the queue, in order: the memory never holds half a clip and no frame is lost. Returns
+        None when nothing was encoded (the engine aborted the clip, or clips encoded while this one waited for
+        its turn left too few frames); raises what failed it otherwise."""
         async with self._clip_lock:
             if self.closed:
                 raise StreamClosed(f"stream {self.id} was closed while encoding")
-            num_frames = min(num_frames, len(self._pending))
+            num_frames = min(self.config.clip_frames, len(self._pending))
+            if num_frames == 0 or (not flush and num_frames < self.config.clip_frames):
+                return None
             frames = np.stack(self._pending[:num_frames])
             since = self._pending_since[:num_frames]
             del self._pending[:num_frames], self._pending_since[:num_frames]
+            self._in_flight = num_frames
             start = time.perf_counter()
-            engine = self.engine
             req_id = f"lv-clip-{self.id}-{self.clips_encoded}-{uuid.uuid4().hex[:8]}"
-            snapshot = await engine.rpc("livevlm_prepare", self.id, RequestKind.CLIP.value, req_id)
-            params = LiveVLMParams(self.id, RequestKind.CLIP, snapshot["version"], snapshot["context_tokens"],
-                                   self.frames_encoded, num_frames)
-            prompt = {"prompt_token_ids": [engine.placeholder_token_id] * params.context_tokens + [engine.video_token_id],
-                      "multi_modal_data": {"video": frames},
-                      "multi_modal_uuids": {"video": [req_id]}}
-            self._clip_request = req_id
+            output = None
             try:
-                output, _ = await engine.submit(prompt, _one_token(), req_id, params)
+                output = await self._submit_clip(req_id, frames)
+            except Exception as e:  # a stream that cannot encode its next clip has failed
+                self._raise_if_closed(e)
+                if isinstance(e, StreamFailed):
+                    raise
+                raise StreamFailed(f"clip request {req_id} failed: {e}") from e
             finally:
-                self._clip_request = None
+                committed = await self._settle_clip(req_id, output, frames, since)
             if self.closed:
                 raise StreamClosed(f"stream {self.id} was closed while encoding")
-            if output.outputs[0].finish_reason == "abort":
-                committed = (await engine.rpc("livevlm_stats", self.id))["frames"] - self.frames_encoded
-                if committed == 0:
-                    logger.warning("stream %s: clip request %s was aborted; its %d frames are queued again",
-                                   self.id, req_id, num_frames)
-                    self._pending[:0], self._pending_since[:0] = list(frames), since
-                    return None
-            self.frames_encoded += num_frames
-            self.clips_encoded += 1
+            if not committed:
+                logger.warning("stream %s: clip request %s was aborted; its %d frames are queued again",
+                               self.id, req_id, num_frames)
+                return None
             computed = len(output.prompt_token_ids) - (output.num_cached_tokens or 0)
             return ClipResult(num_frames, computed, time.perf_counter() - start)
+
+    async def _submit_clip(self, req_id: str, frames: np.ndarray) -> Any:
+        engine = self.engine
+        snapshot = await self._rpc("livevlm_prepare", self.id, RequestKind.CLIP.value, req_id)
+        params = LiveVLMParams(self.id, RequestKind.CLIP, snapshot["version"], snapshot["context_tokens"],
+                               self.frames_encoded, len(frames))
+        prompt = {"prompt_token_ids": [engine.placeholder_token_id] * params.context_tokens + [engine.video_token_id],
+                  "multi_modal_data": {"video": frames},
+                  "multi_modal_uuids": {"video": [req_id]}}
+        self._clip_request = req_id
+        try:
+            output, _ = await engine.submit(prompt, _one_token(), req_id, params)
+        finally:
+            self._clip_request = None
+        return output
+
+    async def _settle_clip(self, req_id: str, output: Any, frames: np.ndarray, since: list[float]) -> bool:
+        """Whether the memory committed the clip; counts its frames as encoded, or queues them again. A clip
+        that finished normally is committed; one aborted, cancelled or failed is asked of the store (it may
+        have run before the abort)."""
+        committed = output is not None and output.outputs[0].finish_reason != "abort"
+        try:
+            if not committed and not self.closed:
+                await self._unpin(req_id)  # settles the request in the engine (RPCs run in order) and its pin
+                committed = (await self.engine.rpc("livevlm_stats", self.id))["frames"] > self.frames_encoded
+        except Exception:
+            logger.warning("stream %s: could not tell whether clip %s was committed; its frames are queued "
+                           "again", self.id, req_id, exc_info=True)
+        finally:
+            self._in_flight = 0
+            if self.closed:
+                committed = False  # `close` dropped the queue: the frames go with it
+            elif committed:
+                self.frames_encoded += len(frames)
+                self.clips_encoded += 1
+            else:
+                self._pending[:0], self._pending_since[:0] = list(frames), since
+        return committed
 
 
 def _one_token() -> Any:

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from typing import Any
 
 from fastapi import FastAPI
 
 from vllm_livevlm.memory.budget import ModelShape
-from vllm_livevlm.serving import routes
+from vllm_livevlm.serving import redact, routes
+from vllm_livevlm.serving.boundary import TrustBoundary
+from vllm_livevlm.serving.media import FrameDecoder
 from vllm_livevlm.serving.service import ServerLimits, StreamService, config_from_env
 from vllm_livevlm.streams import ARCHITECTURE, StreamEngine
+
+SOCKET_AUTH = "vllm_livevlm.serving.socket_auth.SubprotocolCredentials"
 
 
 class LiveVLMEndpoints:
@@ -19,6 +24,15 @@ class LiveVLMEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        args = app.state.args
+        redact.install([*(args.api_key or []), os.environ.get("VLLM_API_KEY", "")])
+        # vLLM adds its `--api-key` middleware after the plugins; `--middleware` ones are added last, outermost,
+        # so the browser's websocket credentials are in the headers before the key is checked.
+        if SOCKET_AUTH not in args.middleware:
+            args.middleware.append(SOCKET_AUTH)
+        # Around every route, inside vLLM's own middleware (CORS, --api-key): no handler sees a client's
+        # engine transfer fields, with or without the key (`/invocations` is outside --api-key's prefixes).
+        app.add_middleware(TrustBoundary, max_body_bytes=ServerLimits.from_env().max_upload_bytes)
         routes.attach(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -41,6 +55,10 @@ class LiveVLMEndpoints:
         service.start()
         add_pre_shutdown_hook(engine_client, service.before_engine_shutdown)
         state.livevlm = service
+        # Uploads are shrunk to the vision tower's input side (SigLIP `image_size`) as they are decoded.
+        vision = vllm_config.model_config.hf_config.vision_config
+        state.livevlm_decoder = FrameDecoder(service.limits, vision.image_size)
+        state.livevlm_websockets = 0  # open stream websockets (`max_websockets`)
 
 
 def endpoint_plugin() -> LiveVLMEndpoints:

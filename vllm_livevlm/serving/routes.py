@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from vllm_livevlm.serving import media
-from vllm_livevlm.serving.errors import APIError, error_response
+from vllm_livevlm.serving import media, upload
+from vllm_livevlm.log import get_logger
+from vllm_livevlm.serving.errors import APIError, error_body, error_response
 from vllm_livevlm.serving.service import StreamService
+from vllm_livevlm.serving.socket_auth import SUBPROTOCOL
 from vllm_livevlm.streams import Answer, LiveStream, StreamClosed
 
+logger = get_logger(__name__)
 router = APIRouter()
+T = TypeVar("T")
 
 
 class CreateStreamRequest(BaseModel):
@@ -39,8 +45,9 @@ TOKEN_HEADER = "X-Stream-Token"
 
 
 def stream_token(request: Request | WebSocket) -> str | None:
-    """The owner token a request presents: the `X-Stream-Token` header, or `?token=` (websocket clients
-    that cannot set headers)."""
+    """The owner token a request presents: the `X-Stream-Token` header (a browser's websocket sends it as the
+    `livevlm.token.<token>` subprotocol, which `socket_auth` moves there), or `?token=` (kept for old
+    clients; it is redacted from the log, but URLs travel through proxies and histories: prefer the header)."""
     return request.headers.get(TOKEN_HEADER) or request.query_params.get("token")
 
 
@@ -134,61 +141,45 @@ async def push_frames(stream_id: str, raw_request: Request, wait: bool = False):
 
 
 async def _read_frames(raw_request: Request, svc: StreamService) -> tuple[np.ndarray, list[float] | None]:
+    """The request's frames, its body counted as it arrives (`max_upload_bytes`) and decoded on the decode
+    pool (`media.FrameDecoder`: sizes checked before decoding, frames shrunk to the model's input)."""
     limits = svc.limits
-    declared = int(raw_request.headers.get("content-length") or 0)
-    if declared > limits.max_upload_bytes:
-        raise APIError(413, f"upload of {declared} bytes exceeds the limit of {limits.max_upload_bytes}")
+    decoder: media.FrameDecoder = raw_request.app.state.livevlm_decoder
     content_type = (raw_request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    frames: list[np.ndarray] = []
-    timestamps = None
     if content_type == "multipart/form-data":
-        form = await raw_request.form(max_files=limits.max_frames_per_request + 1)
-        for key, value in form.multi_items():
-            if key == "timestamps" and isinstance(value, str):
-                timestamps = _timestamps(value)
-            elif hasattr(value, "read"):
-                data = await value.read()
-                name = f"file {value.filename or key!r}"
-                if media.is_video(value.content_type, value.filename):
-                    frames.extend(media.decode_video(data, name, limits.max_frames_per_request))
-                else:
-                    frames.append(media.decode_image(data, name))
-            _check_count(len(frames), limits.max_frames_per_request)
-    elif content_type == "application/json":
+        form = await upload.read_form(raw_request, limits.max_upload_bytes, limits.max_frames_per_request + 1)
         try:
-            body = FramesJSON.model_validate(await raw_request.json())
-        except Exception as e:
-            raise APIError(400, f"invalid JSON body: {e}", "frames") from None
-        if body.frames is not None:
-            _check_count(len(body.frames), limits.max_frames_per_request)
-            frames = [media.decode_image(media.decode_base64(f, f"frames[{i}]"), f"frames[{i}]")
-                      for i, f in enumerate(body.frames)]
-        if body.video is not None:
-            frames.extend(media.decode_video(media.decode_base64(body.video, "video"), "video",
-                                             limits.max_frames_per_request))
-        timestamps = body.timestamps
-    elif media.is_video(content_type, None):
-        frames = list(media.decode_video(await raw_request.body(), "the request body", limits.max_frames_per_request))
-    else:
-        raise APIError(415, f"unsupported content type {content_type or 'none'!r}: send multipart/form-data "
-                            "(JPEG/PNG or video files), application/json (base64) or video/mp4|webm")
-    _check_count(len(frames), limits.max_frames_per_request)
-    if not frames:
-        raise APIError(400, "the request carries no frames", "frames")
-    shapes = {f.shape for f in frames}
-    largest = max(max(s[0], s[1]) for s in shapes)
-    if largest > limits.max_frame_side:
-        raise APIError(413, f"frames of {largest} pixels on a side exceed the limit of {limits.max_frame_side}",
-                       "frames")
-    if len(shapes) > 1:
-        raise APIError(422, f"frames of one request must share one size, got {sorted(s[:2] for s in shapes)}",
-                       "frames")
-    return np.stack(frames), timestamps
+            uploads, timestamps = [], None
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    if key == "timestamps":
+                        timestamps = _timestamps(value)
+                    continue
+                uploads.append(media.Upload(await value.read(), f"file {value.filename or key!r}",
+                                            media.is_video(value.content_type, value.filename)))
+        finally:
+            await form.close()
+        return await decoder.decode(uploads), timestamps
+    if content_type == "application/json":
+        return await decoder.run(_decode_json, decoder, await upload.read_body(raw_request, limits.max_upload_bytes))
+    if media.is_video(content_type, None):
+        body = await upload.read_body(raw_request, limits.max_upload_bytes)
+        return await decoder.decode([media.Upload(body, "the request body", video=True)]), None
+    raise APIError(415, f"unsupported content type {content_type or 'none'!r}: send multipart/form-data "
+                        "(JPEG/PNG or video files), application/json (base64) or video/mp4|webm")
 
 
-def _check_count(count: int, limit: int) -> None:
-    if count > limit:
-        raise APIError(413, f"more than {limit} frames in one request (the per-request limit)", "frames")
+def _decode_json(decoder: media.FrameDecoder, body: bytes) -> tuple[np.ndarray, list[float] | None]:
+    """A `FramesJSON` body ⇒ frames and timestamps (on the decode pool: parsing and base64 cost CPU too)."""
+    try:
+        frames = FramesJSON.model_validate(json.loads(body))
+    except ValueError as e:  # JSON and validation errors
+        raise APIError(400, f"invalid JSON body: {e}", "frames") from None
+    uploads = [media.Upload(media.decode_base64(f, f"frames[{i}]"), f"frames[{i}]", video=False)
+               for i, f in enumerate(frames.frames or [])]
+    if frames.video is not None:
+        uploads.append(media.Upload(media.decode_base64(frames.video, "video"), "video", video=True))
+    return decoder.decode_now(uploads), frames.timestamps
 
 
 def _timestamps(text: str) -> list[float]:
@@ -228,14 +219,40 @@ async def chat_completions(raw_request: Request):
         if request.stream:
             return StreamingResponse(_sse(svc, stream, question, sampling, completion_id, request),
                                      media_type="text/event-stream")
-        answer = await svc.ask(stream, question, sampling)
-        return JSONResponse(_completion(svc, stream, answer, completion_id))
-    except APIError as e:
-        return e.response()
-    except StreamClosed as e:
-        return error_response(404, str(e), "session_id")
-    except ValueError as e:
-        return error_response(400, str(e), "messages")
+        answer = await _unless_disconnected(raw_request, svc.ask(stream, question, sampling))
+        return None if answer is None else JSONResponse(_completion(svc, stream, answer, completion_id))
+    except Exception as e:
+        return _failure(e).response()
+
+
+def _failure(e: Exception) -> APIError:
+    """What a client is told about an exception raised while answering: an `APIError` as it is, a closed
+    stream 404, a bad value 400, anything else 500 (logged with its traceback)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, StreamClosed):
+        return APIError(404, str(e), "session_id")
+    if isinstance(e, (ValueError, TypeError)):
+        return APIError(400, str(e), "messages")
+    logger.error("LiveVLM: answering a question failed", exc_info=e)
+    return APIError(500, f"the answer failed: {e}")
+
+
+async def _unless_disconnected(raw_request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """`work`'s result, or None once the client has disconnected: then `work` is cancelled, so a question
+    nobody waits for stops decoding (its engine request is aborted and its snapshot released)."""
+    async def disconnected() -> None:
+        while (await raw_request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()  # no-op once done
+        watcher.cancel()
+    return task.result() if task.done() else None
 
 
 def _question(request) -> str:
@@ -279,7 +296,8 @@ def _usage(answer: Answer) -> dict[str, Any]:
 
 def _livevlm_info(stream: LiveStream, answer: Answer) -> dict[str, Any]:
     return {"stream_id": stream.id, "frames_covered": answer.frames_covered,
-            "context_tokens": answer.prompt_tokens - answer.prompt_tokens_computed, "timings": answer.timings}
+            "context_tokens": answer.prompt_tokens - answer.prompt_tokens_computed, "timings": answer.timings,
+            "repinned_version": answer.repinned_version, "reasked": answer.reasked}
 
 
 def _completion(svc: StreamService, stream: LiveStream, answer: Answer, completion_id: str) -> dict[str, Any]:
@@ -289,7 +307,27 @@ def _completion(svc: StreamService, stream: LiveStream, answer: Answer, completi
             "usage": _usage(answer), "livevlm": _livevlm_info(stream, answer)}
 
 
-async def _sse(svc: StreamService, stream: LiveStream, question: str, sampling, completion_id: str, request):
+async def _answer_items(svc: StreamService, stream: LiveStream, question: str,
+                        sampling) -> AsyncIterator[str | Answer]:
+    """The answer's text deltas as they are decoded, then its `Answer`. Deleting the stream ends the answer
+    (`StreamClosed`); closing the iterator early cancels the question, which aborts its engine request."""
+    deltas: asyncio.Queue[str | None] = asyncio.Queue()
+    task = asyncio.create_task(svc.ask(stream, question, sampling, on_delta=deltas.put_nowait))
+    task.add_done_callback(lambda _: deltas.put_nowait(None))
+    try:
+        while (delta := await deltas.get()) is not None:
+            stream.check_open()
+            yield delta
+        yield task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _sse(svc: StreamService, stream: LiveStream, question: str, sampling, completion_id: str,
+               request) -> AsyncIterator[str]:
+    """The answer as `chat.completion.chunk` events. Once the response has started its status cannot change,
+    so any failure arrives as an OpenAI error event followed by `[DONE]`, never as a cut stream."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -297,81 +335,116 @@ async def _sse(svc: StreamService, stream: LiveStream, question: str, sampling, 
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
         return f"data: {json.dumps(data)}\n\n"
 
-    queue: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(svc.ask(stream, question, sampling, on_delta=queue.put_nowait))
-    task.add_done_callback(lambda _: queue.put_nowait(None))
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
     yield chunk({"role": "assistant", "content": ""})
     try:
-        while (delta := await queue.get()) is not None:
-            yield chunk({"content": delta})
-        try:
-            answer = task.result()
-        except (APIError, StreamClosed, ValueError) as e:
-            status = e.status if isinstance(e, APIError) else 400
-            yield f"data: {json.dumps({'error': {'message': str(e), 'code': status}})}\n\n"
-            return
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        yield chunk({}, answer.finish_reason or "stop", livevlm=_livevlm_info(stream, answer),
-                    **({"usage": _usage(answer)} if include_usage else {}))
-        yield "data: [DONE]\n\n"
-    finally:
-        if not task.done():
-            task.cancel()
+        async with contextlib.aclosing(_answer_items(svc, stream, question, sampling)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    yield chunk({"content": item})
+                else:
+                    yield chunk({}, item.finish_reason or "stop", livevlm=_livevlm_info(stream, item),
+                                **({"usage": _usage(item)} if include_usage else {}))
+    except Exception as e:
+        failure = _failure(e)
+        yield f"data: {json.dumps(error_body(failure.status, failure.message, failure.param))}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 # ---- websocket for live cameras ------------------------------------------------------------------------------
 @router.websocket("/v1/video/streams/{stream_id}/ws")
 async def stream_socket(websocket: WebSocket, stream_id: str):
     """Binary messages are JPEG/PNG frames; a text message `{"type": "question", "question": ...,
-    "max_tokens": 64}` is answered with `answer.delta` messages and an `answer.done` message."""
-    from vllm import SamplingParams
+    "max_tokens": 64}` is answered with `answer.delta` messages and an `answer.done` message.
 
-    await websocket.accept()
+    Everything is checked before the handshake is accepted (the API key by vLLM's middleware, then the
+    socket limit and the owner token here): a refusal is an HTTP error response, no message is exchanged."""
+    state = websocket.app.state
     try:
         svc = service(websocket)
+        if state.livevlm_websockets >= svc.limits.max_websockets:
+            raise APIError(429, f"the server holds its maximum of {svc.limits.max_websockets} websockets "
+                                "(max_websockets): close one or retry later")
         stream = svc.get(stream_id, stream_token(websocket))
     except APIError as e:
-        await websocket.send_json({"type": "error", "error": {"message": e.message, "code": e.status}})
-        await websocket.close(code=4000 + e.status)  # 4403, 4404, 4410...
+        await websocket.send_denial_response(e.response())
         return
+    state.livevlm_websockets += 1
     try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
+        offered = SUBPROTOCOL in websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol=SUBPROTOCOL if offered else None)
+        await _serve_socket(websocket, svc, stream)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        state.livevlm_websockets -= 1
+
+
+async def _serve_socket(websocket: WebSocket, svc: StreamService, stream: LiveStream) -> None:
+    """One reader for the socket: frames are pushed as they arrive, also while an answer streams; a
+    question runs as a task sending its deltas (a lock keeps messages whole). A question sent while the
+    socket is answering one gets a 429 error message: one answer at a time per socket."""
+    lock = asyncio.Lock()
+    answering: asyncio.Task | None = None
+
+    async def send(message: dict[str, Any]) -> None:
+        async with lock:
+            await websocket.send_json(message)
+
+    async def send_error(e: Exception) -> None:
+        failure = _failure(e)
+        await send({"type": "error", **error_body(failure.status, failure.message, failure.param)})
+
+    try:
+        while (message := await websocket.receive())["type"] != "websocket.disconnect":
             try:
                 stream.check_open()
                 if message.get("bytes") is not None:
-                    frame = media.decode_image(message["bytes"], "frame")
-                    if max(frame.shape[:2]) > svc.limits.max_frame_side:
-                        raise APIError(413, f"frame exceeds {svc.limits.max_frame_side} pixels on a side")
-                    _, dropped = svc.push(stream, frame[None])
-                    await websocket.send_json({"type": "frames.accepted", "pending_frames": stream.pending_frames,
-                                               "frames_dropped": dropped, "clips_encoded": stream.clips_encoded})
+                    decoder: media.FrameDecoder = websocket.app.state.livevlm_decoder
+                    frames = await decoder.decode([media.Upload(message["bytes"], "frame", video=False)])
+                    _, dropped = svc.push(stream, frames)
+                    await send({"type": "frames.accepted", "pending_frames": stream.pending_frames,
+                                "frames_dropped": dropped, "clips_encoded": stream.clips_encoded})
                     continue
-                request = json.loads(message.get("text") or "{}")
-                if not isinstance(request, dict) or request.get("type") != "question":
-                    raise APIError(400, "text messages must be {\"type\": \"question\", \"question\": ...}")
-                sampling = SamplingParams(max_tokens=int(request.get("max_tokens", 64)),
-                                          temperature=float(request.get("temperature", 0.0)))
-                deltas: asyncio.Queue = asyncio.Queue()
-                task = asyncio.create_task(svc.ask(stream, str(request.get("question", "")), sampling,
-                                                   on_delta=deltas.put_nowait))
-                task.add_done_callback(lambda _: deltas.put_nowait(None))
-                try:
-                    while (delta := await deltas.get()) is not None:
-                        await websocket.send_json({"type": "answer.delta", "delta": delta})
-                finally:
-                    if not task.done():  # the client went away mid-answer: stop decoding for it
-                        task.cancel()
-                answer = task.result()
-                await websocket.send_json({"type": "answer.done", "text": answer.text,
-                                           "frames_covered": answer.frames_covered, "timings": answer.timings})
-            except (APIError, ValueError, TypeError, StreamClosed) as e:
-                status = e.status if isinstance(e, APIError) else 404 if isinstance(e, StreamClosed) else 400
-                await websocket.send_json({"type": "error", "error": {"message": str(e), "code": status}})
-    except WebSocketDisconnect:
-        pass
+                question, sampling = _socket_question(message.get("text"))
+                if answering is not None and not answering.done():
+                    raise APIError(429, "this socket is answering a question: send the next one after its "
+                                        "answer.done (or open another socket)", "question")
+                answering = asyncio.create_task(_answer_on_socket(send, send_error, svc, stream, question, sampling))
+            except Exception as e:
+                await send_error(e)
+    finally:
+        if answering is not None:  # the client went away mid-answer: stop decoding for it
+            answering.cancel()
+            await asyncio.gather(answering, return_exceptions=True)
+
+
+def _socket_question(text: str | None) -> tuple[str, Any]:
+    """A question message ⇒ (question, sampling parameters); 400 for anything else."""
+    from vllm import SamplingParams
+
+    request = json.loads(text or "{}")
+    if not isinstance(request, dict) or request.get("type") != "question":
+        raise APIError(400, "text messages must be {\"type\": \"question\", \"question\": ...}", "type")
+    sampling = SamplingParams(max_tokens=int(request.get("max_tokens", 64)),
+                              temperature=float(request.get("temperature", 0.0)),
+                              ignore_eos=bool(request.get("ignore_eos", False)))
+    return str(request.get("question", "")), sampling
+
+
+async def _answer_on_socket(send: Callable[[dict[str, Any]], Awaitable[None]],
+                            send_error: Callable[[Exception], Awaitable[None]], svc: StreamService,
+                            stream: LiveStream, question: str, sampling) -> None:
+    try:
+        async with contextlib.aclosing(_answer_items(svc, stream, question, sampling)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    await send({"type": "answer.delta", "delta": item})
+                else:
+                    await send({"type": "answer.done", "text": item.text, "frames_covered": item.frames_covered,
+                                "timings": item.timings})
+    except Exception as e:
+        await send_error(e)
 
 
 def attach(app: FastAPI) -> None:

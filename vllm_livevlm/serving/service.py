@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import secrets
 import threading
@@ -20,11 +21,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.frames import to_frame_array
 from vllm_livevlm.log import get_logger
-from vllm_livevlm.memory.budget import ModelShape, memory_bound_bytes
+from vllm_livevlm.memory.budget import ModelShape, capture_bytes, memory_bound_bytes, scoring_reserve_bytes
 from vllm_livevlm.serving.errors import APIError
 from vllm_livevlm.serving.metrics import stream_metrics
-from vllm_livevlm.streams import Answer, LiveStream, StreamEngine
+from vllm_livevlm.streams import Answer, LiveStream, QuestionRaced, StreamEngine, StreamFailed
 
 logger = get_logger(__name__)
 
@@ -38,16 +40,22 @@ class ServerLimits:
     """What clients may ask of the server (`--livevlm-limits` JSON, passed as `VLLM_LIVEVLM_LIMITS`)."""
 
     max_streams: int = 64
-    max_stream_bytes: int = 4 * GiB          # what a stream reserves (see `reserved_bytes`) must fit
-    max_total_store_bytes: int = 16 * GiB    # all admitted streams' reservations together
+    max_stream_bytes: int = 4 * GiB          # a stream's memory bound (see `reserved_bytes`) must fit
+    max_total_store_bytes: int = 16 * GiB    # all reservations together (`StreamService.store_reserve_bytes`)
     max_frames_per_request: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
     max_frame_side: int = 4096               # pixels, width and height
+    max_frame_pixels: int = 4096 * 2160      # width x height, read from the header before decoding
+    decode_workers: int = 2                  # threads decoding uploads (off the event loop)
+    max_decode_queue: int = 16               # uploads waiting for a decode worker; more are refused (429)
     max_clip_frames: int = 64
     max_pending_frames: int = 512            # received but not yet encoded, per stream
+    max_pending_bytes: int = 256 * 1024**2   # what those frames hold in memory, per stream
+    max_total_pending_bytes: int = 2 * GiB   # the same, all streams together
     pending_policy: Literal["reject", "drop_oldest"] = "reject"
     max_question_chars: int = 16384
-    max_questions_per_stream: int = 2        # in flight at once, per stream (each may pin a snapshot)
+    max_questions_per_stream: int = 2        # in flight at once, per stream
+    max_websockets: int = 64                 # open stream websockets, whole server
     stream_ttl_seconds: float = 1800.0       # idle streams are closed after this; 0 disables expiry
     shutdown_grace_seconds: float = 30.0     # how long shutdown waits for in-flight questions
 
@@ -95,7 +103,8 @@ class StreamService:
         self._owners: dict[str, bytes] = {}          # stream id -> sha256 of its owner token
         self._reserved: dict[str, int] = {}          # stream id -> store bytes reserved at admission
         self._policy: dict[str, str] = {}            # stream id -> backpressure policy
-        self._opening_bytes = 0                      # reserved by streams whose sinks are being encoded
+        self._opening = 0                            # streams whose sinks are being encoded
+        self._opening_bytes = 0                      # what they reserved
         self._gone: OrderedDict[str, str] = OrderedDict()  # recently expired streams -> why (bounded)
         self._ingest: dict[str, asyncio.Task] = {}
         self._ingest_errors: dict[str, BaseException] = {}
@@ -103,6 +112,9 @@ class StreamService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._reaper: asyncio.Task | None = None
+        # Reserved once, at start: the step's captured clip K/V and the worst vision-to-vision scoring.
+        self.capture_reserve = capture_bytes(shape, core.max_num_batched_tokens)
+        self.scoring_reserve = scoring_reserve_bytes(shape, limits.max_stream_bytes, limits.max_clip_frames)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,7 +159,7 @@ class StreamService:
         if pending_policy not in (None, "reject", "drop_oldest"):
             raise APIError(400, f"pending_policy must be 'reject' or 'drop_oldest', got {pending_policy!r}",
                            "pending_policy")
-        if len(self.core.streams) >= limits.max_streams:
+        if len(self.core.streams) + self._opening >= limits.max_streams:
             self._reject("max_streams")
             raise APIError(503, f"the server holds its maximum of {limits.max_streams} streams")
         if config is not None and not isinstance(config, dict):
@@ -169,29 +181,48 @@ class StreamService:
             raise APIError(400, f"this config needs up to {reserve} bytes of stream memory, over the per-stream "
                                 f"limit of {limits.max_stream_bytes}: lower long_term_budget_tokens or "
                                 "short_term_frames", "config")
-        in_use = sum(self._reserved.values()) + self._opening_bytes
-        if in_use + reserve > limits.max_total_store_bytes:
+        # Opening streams' reservations as one bound: conservative while creates race, exact otherwise.
+        in_use = self.store_reserve_bytes(self._opening_bytes) + self.scoring_reserve
+        need = self.store_reserve_bytes(self._opening_bytes, reserve) + self.scoring_reserve
+        if need > limits.max_total_store_bytes:
             self._reject("max_total_store_bytes")
             raise APIError(503, f"the session store is full: {in_use} of {limits.max_total_store_bytes} bytes are "
-                                f"reserved by live streams and this stream needs {reserve}; retry after streams close")
-        self._opening_bytes += reserve  # held while the sinks are encoded
+                                f"reserved (live streams, one commit, scoring) and this stream needs "
+                                f"{need - in_use} more; retry after streams close")
+        # Counted (and reserved) while the sinks are encoded: concurrent creates see this one.
+        self._opening += 1
+        self._opening_bytes += reserve
         try:
             stream = await self.core.open_stream(resolved, system_prompt)
         finally:
+            self._opening -= 1
             self._opening_bytes -= reserve
         token = secrets.token_urlsafe(32)
         self._owners[stream.id] = _digest(token)
         self._reserved[stream.id] = reserve
         self._policy[stream.id] = pending_policy or limits.pending_policy
         self.metrics.streams.set(len(self.core.streams))
-        self.metrics.store_reserved_bytes.set(sum(self._reserved.values()))
+        self.metrics.store_reserved_bytes.set(self.store_reserve_bytes())
         return stream, token
 
     def reserved_bytes(self, config: LiveVLMConfig, sink_tokens: int) -> int | None:
-        """A snapshot's bound times the snapshots one stream can hold at once: the latest, the one its clip
-        in flight was prepared on, and one per question in flight (each reads the version it pinned)."""
-        bound = memory_bound_bytes(config, self.shape, sink_tokens)
-        return None if bound is None else (2 + self.limits.max_questions_per_stream) * bound
+        """What one stream reserves: its snapshot's bound, once. Between engine steps a stream holds one
+        version: a question pins its snapshot only until its first step filled its context (a clip of its
+        stream committing first moves it to the new version), a clip only until it commits."""
+        return memory_bound_bytes(config, self.shape, sink_tokens)
+
+    def store_reserve_bytes(self, *extra: int) -> int:
+        """What the store may hold with the admitted streams (and `extra` bounds):
+
+            sum(stream bounds) + largest stream bound + capture_bytes(max_num_batched_tokens)
+
+        An engine step commits its clips one after another, each dropping its base version before the
+        next is built, so beyond every stream's latest version it holds one version being built and the
+        captured K/V of the clips it prefilled. `scoring_reserve` comes on top (admission counts both)."""
+        bounds = [*self._reserved.values(), *extra]
+        if not any(bounds):
+            return 0
+        return sum(bounds) + max(bounds) + self.capture_reserve
 
     def get(self, stream_id: str, token: str | None) -> LiveStream:
         """The stream, if `token` is its owner token: 404 (unknown), 410 (expired), 403 (wrong token)."""
@@ -205,11 +236,14 @@ class StreamService:
             raise APIError(403, f"stream {stream_id} needs its owner token (the `token` returned when it was "
                                 "created) in the X-Stream-Token header" + (": this one does not match" if token else ""),
                            "X-Stream-Token")
-        error = self._ingest_errors.get(stream_id)
-        if error is not None:
-            raise APIError(500, f"stream {stream_id} failed while encoding: {error}")
         stream.touch()
         return stream
+
+    def check_usable(self, stream: LiveStream) -> None:
+        """409 for a stream that failed: it takes no frames or questions, and can still be read and deleted."""
+        error = self._ingest_errors.get(stream.id)
+        if error is not None:
+            raise APIError(409, f"stream {stream.id} failed: {error}; delete it and open a new one", "stream_id")
 
     def owned(self, tokens: list[str]) -> list[LiveStream]:
         """The streams these owner tokens open (listing never shows other clients' streams)."""
@@ -220,19 +254,27 @@ class StreamService:
         """Accept frames (backpressure per `pending_policy`) and make sure the stream's ingestion task encodes
         them in the background. Returns (frames accepted, pending frames dropped)."""
         self._check_accepting()
-        limits = self.limits
-        count = len(frames)
-        if self._policy[stream.id] == "reject" and stream.pending_frames + count > limits.max_pending_frames:
-            self._reject("max_pending_frames")
-            raise APIError(429, f"stream {stream.id} has {stream.pending_frames} frames waiting to be encoded and "
-                                f"this request adds {count}, over the limit of {limits.max_pending_frames}: "
-                                "send frames no faster than the server encodes them", "frames")
+        stream.check_open()
+        self.check_usable(stream)
         try:
-            accepted = stream.accept(frames, timestamps)
+            batch = to_frame_array(frames)
+        except ValueError as e:
+            raise APIError(400, str(e), "frames") from None
+        limit, over = self._pending_excess(stream, batch)
+        # drop_oldest drops this stream's queued frames (never another stream's, never the clip in flight).
+        droppable = stream.pending_frames - stream.frames_in_flight + len(batch)
+        if over > 0 and (self._policy[stream.id] == "reject" or over > droppable):
+            self._reject(limit)
+            raise APIError(429, f"stream {stream.id} has {stream.pending_frames} frames ({stream.pending_bytes} bytes) "
+                                f"waiting to be encoded and this request adds {len(batch)} ({batch.nbytes} bytes): "
+                                f"over {limit}={getattr(self.limits, limit)}; send frames no faster than the server "
+                                "encodes them", "frames")
+        try:
+            accepted = stream.accept(batch, timestamps)
         except ValueError as e:  # FrameError included
             status = 422 if "frames of this stream are" in str(e) else 400
             raise APIError(status, str(e), "frames") from None
-        dropped = stream.drop_oldest_pending(stream.pending_frames - limits.max_pending_frames)
+        dropped = stream.drop_oldest_pending(over)
         self.metrics.frames_received.inc(accepted)
         self.metrics.frames_dropped.inc(dropped)
         task = self._ingest.get(stream.id)
@@ -240,15 +282,32 @@ class StreamService:
             self._ingest[stream.id] = asyncio.create_task(self._encode(stream))
         return accepted, dropped
 
+    def pending_bytes(self) -> int:
+        return sum(s.pending_bytes for s in self.core.streams.values())
+
+    def _pending_excess(self, stream: LiveStream, batch: Any) -> tuple[str, int]:
+        """The pending limit `batch` would pass the most, and by how many frames (<= 0: none)."""
+        limits, count, nbytes = self.limits, len(batch), batch.nbytes
+        frame_bytes = nbytes // count
+        stream_bytes = stream.pending_bytes + nbytes - limits.max_pending_bytes
+        total_bytes = self.pending_bytes() + nbytes - limits.max_total_pending_bytes
+        excess = {"max_pending_frames": stream.pending_frames + count - limits.max_pending_frames,
+                  "max_pending_bytes": math.ceil(stream_bytes / frame_bytes),
+                  "max_total_pending_bytes": math.ceil(total_bytes / frame_bytes)}
+        limit = max(excess, key=excess.__getitem__)
+        return limit, excess[limit]
+
     async def wait_encoded(self, stream: LiveStream, token: str | None) -> None:
         task = self._ingest.get(stream.id)
         if task is not None:
-            await asyncio.shield(task)
-        self.get(stream.id, token)  # raises if ingestion failed or the stream went away meanwhile
+            await asyncio.wait([task])  # never raises: a delete cancelling the task answers 404 below
+        stream = self.get(stream.id, token)  # 404/410 if the stream went away meanwhile
+        self.check_usable(stream)
 
     async def ask(self, stream: LiveStream, question: str, sampling_params: Any,
                   on_delta: Callable[[str], None] | None = None) -> Answer:
         self._check_accepting()
+        self.check_usable(stream)
         if len(question) > self.limits.max_question_chars:
             raise APIError(400, f"the question is {len(question)} characters long, over the limit of "
                                 f"{self.limits.max_question_chars}", "messages")
@@ -259,6 +318,11 @@ class StreamService:
         self._asking[stream.id] = self._asking.get(stream.id, 0) + 1
         try:
             answer = await stream.ask(question, sampling_params, on_delta)
+        except StreamFailed as e:
+            self._ingest_errors.setdefault(stream.id, e)
+            raise APIError(409, f"stream {stream.id} failed: {e}; delete it and open a new one", "stream_id") from None
+        except QuestionRaced as e:  # the stream is fine: a retry is answered from its latest memory
+            raise APIError(503, f"{e}; the stream's memory changed size while the question waited") from None
         finally:
             self._asking[stream.id] -= 1
             if not self._asking[stream.id]:
@@ -274,14 +338,20 @@ class StreamService:
         return await self._close(stream_id)
 
     def describe(self, stream: LiveStream) -> dict[str, Any]:
+        error = self._ingest_errors.get(stream.id)
         return {"id": stream.id, "object": "video.stream", "created": int(stream.created),
                 "last_activity": stream.last_activity, "pending_policy": self._policy.get(stream.id),
-                "config": stream.config.to_dict()}
+                "config": stream.config.to_dict(), "state": "open" if error is None else "failed",
+                **({} if error is None else {"error": str(error)})}
 
     async def engine_load(self) -> dict[str, Any]:
         stats = await self.core.engine_stats()
-        stats["reserved_bytes"] = sum(self._reserved.values())
+        stats["reserved_bytes"] = self.store_reserve_bytes()
+        stats["stream_reserved_bytes"] = sum(self._reserved.values())
+        stats["scoring_reserve_bytes"] = self.scoring_reserve
         stats["max_total_store_bytes"] = self.limits.max_total_store_bytes
+        stats["pending_bytes"] = self.pending_bytes()
+        stats["max_total_pending_bytes"] = self.limits.max_total_pending_bytes
         return stats
 
     # ---- internals -------------------------------------------------------------------------------------------
@@ -295,16 +365,17 @@ class StreamService:
     async def _close(self, stream_id: str) -> int:
         stream = self.core.streams.get(stream_id)
         task = self._ingest.pop(stream_id, None)
-        freed = await stream.close() if stream is not None else 0
-        if task is not None and not task.done():
-            task.cancel()
-        self._ingest_errors.pop(stream_id, None)
-        self._owners.pop(stream_id, None)
-        self._reserved.pop(stream_id, None)
-        self._policy.pop(stream_id, None)
-        self.metrics.streams.set(len(self.core.streams))
-        self.metrics.store_reserved_bytes.set(sum(self._reserved.values()))
-        return freed
+        try:
+            return await stream.close() if stream is not None else 0
+        finally:  # the server forgets the stream even if the engine failed to free it
+            if task is not None and not task.done():
+                task.cancel()
+            self._ingest_errors.pop(stream_id, None)
+            self._owners.pop(stream_id, None)
+            self._reserved.pop(stream_id, None)
+            self._policy.pop(stream_id, None)
+            self.metrics.streams.set(len(self.core.streams))
+            self.metrics.store_reserved_bytes.set(self.store_reserve_bytes())
 
     async def _encode(self, stream: LiveStream) -> None:
         try:
@@ -336,6 +407,8 @@ class StreamService:
     async def _expire_idle(self, ttl: float) -> None:
         now = time.time()
         for stream_id, stream in list(self.core.streams.items()):
+            if stream.closed:  # deleted while an earlier stream was being expired
+                continue
             task = self._ingest.get(stream_id)
             busy = self._asking.get(stream_id) or (task is not None and not task.done())
             idle = now - stream.last_activity
