@@ -81,7 +81,8 @@ def test_store_counts_storages_shared_by_versions_once():
     store.open("s", config)
     store.commit("s", versions[0])
     store.commit("s", versions[1])
-    assert store.prepare("s", RequestKind.QUESTION, "q1")["version"] == 2  # pinned while clips commit
+    assert store.prepare("s", RequestKind.QUESTION, "q1")["version"] == 2
+    store.question_snapshot("s", 2, "q1", versions[1].question_context_tokens)  # its first step: pinned while clips commit
     store.commit("s", versions[2])
     store.commit("s", versions[3])
     held = reachable_storage_bytes(store)

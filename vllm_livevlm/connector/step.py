@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
+from vllm_livevlm.connector.store import Reask
 from vllm_livevlm.log import get_logger
 from vllm_livevlm.memory import retrieval
 from vllm_livevlm.memory.scoring import vision_scores
@@ -98,11 +99,16 @@ class StepRequests:
             return None  # closed while its sinks were in flight: no context to fill, nothing will be kept
         memory = None
         problem = None
+        reask = False
         if params.kind != RequestKind.SINKS:
             try:
-                memory = self.store.snapshot(params.stream_id, params.version)
+                if params.kind == RequestKind.QUESTION:
+                    memory = self.store.question_snapshot(params.stream_id, params.version, params.request_id,
+                                                          params.context_tokens)
+                else:
+                    memory = self.store.snapshot(params.stream_id, params.version)
             except (KeyError, ValueError) as e:  # unknown stream or a version no longer (or never) held
-                problem = str(e)
+                problem, reask = str(e), isinstance(e, Reask)
             else:
                 expected = (memory.clip_context_tokens if params.kind == RequestKind.CLIP
                             else memory.question_context_tokens)
@@ -118,14 +124,14 @@ class StepRequests:
         if fill:
             active.context_slots = req.slots(0, params.context_tokens, self.device)
         if problem is not None:
-            self._fail(active, problem)
+            self._fail(active, problem, reask)
         return active
 
-    def _fail(self, a: _Active, reason: str) -> None:
+    def _fail(self, a: _Active, reason: str, reask: bool = False) -> None:
         params = a.slots.params
         if a.failed is None:
             logger.error("LiveVLM: request %s of stream %s failed: %s", params.request_id, params.stream_id, reason)
-            self.store.fail_request(params.request_id, reason)
+            self.store.fail_request(params.request_id, reason, reask)
         a.failed, a.memory = reason, None
         a.captured_k.clear()
         a.captured_v.clear()
@@ -172,7 +178,11 @@ class StepRequests:
             a.retrieved[layer] = torch.arange(layout.num_pages, device=self.device)
             return None
         start = time.perf_counter()
-        query = retrieval.average_query(q[a.rows].reshape(-1, attn.num_heads, attn.head_size), attn.num_kv_heads)
+        # The question turn's rows only: a recompute after a preemption also schedules the tokens decoded so
+        # far, which must not change the pages it reads.
+        slots = a.slots
+        prompt_rows = slice(a.rows.start, a.rows.start + min(slots.num_scheduled, slots.num_prompt - slots.num_computed))
+        query = retrieval.average_query(q[prompt_rows].reshape(-1, attn.num_heads, attn.head_size), attn.num_kv_heads)
         scores = _sum_over_ranks(retrieval.page_scores(query, memory.ltm_summary[layer]))
         pages = retrieval.top_pages(scores, layout.full_pages_read)
         # Kept on the device: the report is read once, after the last layer (`_commit`).
@@ -191,7 +201,8 @@ class StepRequests:
             try:
                 clip_q = q[a.rows].reshape(-1, attn.num_heads, dim)
                 clip_k = k[a.rows].reshape(-1, heads, dim)
-                context_k = a.scored_context_k.get(layer, clip_k[:0])
+                # Popped: a clip holds one layer's rotated context at a time, not every layer's until commit.
+                context_k = a.scored_context_k.pop(layer, clip_k[:0])
                 a.scores[layer] = vision_scores(clip_q, clip_k, context_k, a.memory.config.score_queries,
                                                 attn.impl.scale)
             except Exception as e:  # includes out-of-memory
@@ -199,16 +210,24 @@ class StepRequests:
 
     # ---- after the last layer --------------------------------------------------------------------------------
     def commit(self) -> list[str]:
-        """Commit each clip (and sinks prefix) of the step; returns the streams that got a new version."""
+        """Report this step's questions, then commit its clips (and sinks prefixes) one after another;
+        returns the streams that got a new version. Each request lets go of its snapshot and captures as it
+        is done (questions' pins are settled: their context is in vLLM's blocks now), so a step holds at most
+        one version beyond each stream's latest at a time: the one being built (see `StreamService`)."""
         committed = []
-        for a in self.active:
-            if a.failed is not None:
-                continue
+        questions_first = sorted(self.active, key=lambda a: a.slots.params.kind != RequestKind.QUESTION)
+        for a in questions_first:
             try:
-                if self._commit(a):
+                if a.failed is None and self._commit(a):
                     committed.append(a.slots.params.stream_id)
             except Exception as e:  # the store keeps its last version: a commit is all or nothing
                 self._fail(a, f"commit: {type(e).__name__}: {e}")
+            finally:
+                if a.fill_context and a.slots.params.kind == RequestKind.QUESTION:
+                    self.store.settle([a.slots.params.request_id])
+                a.memory = None
+                for held in (a.captured_k, a.captured_v, a.scores, a.scored_context_k):
+                    held.clear()
         return committed
 
     def _commit(self, a: _Active) -> bool:
@@ -248,7 +267,7 @@ class StepRequests:
             offsets = torch.clamp(torch.arange(num_tokens, device=k.device) // per_frame, max=params.num_frames - 1)
             scores = torch.stack([a.scores[i] for i in layers])
             memory = a.memory.commit_clip(ClipKV(k, v, params.frame_start + offsets, scores), _sum_over_ranks)
-        self.store.commit(params.stream_id, memory)
+        self.store.commit(params.stream_id, memory, params.request_id)
         return True
 
 

@@ -1,8 +1,12 @@
 """`SessionStore`: every stream's memory on one worker, versioned so questions read consistent snapshots.
 
 A stream's memory is an immutable `StreamMemory`; each committed clip produces a new version. A request
-pins the version it was built against (`prepare`) until it finishes (`release`); older versions are dropped
-as soon as nothing pins them. Closing a stream drops all of its versions.
+pins the version it was built against (`prepare`) only until its context is in vLLM's blocks: a clip until
+it commits, a question until its first step ran (`settle`), or until a clip of its stream commits first.
+So a stream holds one version between engine steps (its bound); older versions are dropped as soon as
+nothing pins them. A question that finds its version gone (it waited behind a clip, or vLLM preempted and
+recomputes it) re-pins the latest version when that has the same context size, or fails as `Reask`.
+Closing a stream drops all of its versions.
 """
 
 from __future__ import annotations
@@ -27,11 +31,16 @@ class StreamNotFound(KeyError):
     pass
 
 
+class Reask(ValueError):
+    """A question's version is gone and the latest one needs another context size: the front end re-asks."""
+
+
 @dataclass
 class _Stream:
     config: LiveVLMConfig
     versions: dict[int, StreamMemory] = field(default_factory=dict)
     pins: dict[str, int] = field(default_factory=dict)  # request id -> version
+    waiting: set[str] = field(default_factory=set)      # questions pinned whose first step has not run
     retrievals: int = 0
     retrieval_seconds: float = 0.0
     failure: str | None = None  # set when the stream can no longer be served consistently
@@ -55,8 +64,10 @@ class SessionStore:
         self._req_stream: dict[str, str] = {}
         # Retrieval reports wait for the front end to fetch them; bounded in case one never does.
         self._retrieval_reports: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        # Requests the step failed alone (their stream is fine): why, until the front end releases them.
-        self._request_failures: OrderedDict[str, str] = OrderedDict()
+        # Requests the step failed alone (their stream is fine): why, and whether to re-ask (questions),
+        # until the front end releases them.
+        self._request_failures: OrderedDict[str, tuple[str, bool]] = OrderedDict()
+        self._ran: set[str] = set()  # questions whose first step ran (a later first step is a recompute)
         self._sink_chunks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -87,10 +98,10 @@ class SessionStore:
             if stream is not None and stream.failure is None:
                 stream.failure = reason
 
-    def fail_request(self, req_id: str, reason: str) -> None:
-        """Mark one request as failed (its output must not be used); `failure_of` reports it."""
+    def fail_request(self, req_id: str, reason: str, reask: bool = False) -> None:
+        """Mark one request as failed (its output must not be used); `take_failure` reports it."""
         with self._lock:
-            self._request_failures.setdefault(req_id, reason)
+            self._request_failures.setdefault(req_id, (reason, reask))
             while len(self._request_failures) > MAX_UNCLAIMED_REPORTS:
                 self._request_failures.popitem(last=False)
 
@@ -131,6 +142,8 @@ class SessionStore:
             if memory is None:
                 raise ValueError(f"stream {stream_id!r} has no memory yet (its sinks were not encoded)")
             stream.pins[req_id] = memory.version
+            if kind == RequestKind.QUESTION:
+                stream.waiting.add(req_id)
             self._req_stream[req_id] = stream_id
             stream.last_use = time.time()
             tokens = memory.clip_context_tokens if kind == RequestKind.CLIP else memory.question_context_tokens
@@ -142,10 +155,45 @@ class SessionStore:
             raise ValueError(f"stream {stream_id!r} has no version {version} (not pinned?)")
         return stream.versions[version]
 
+    def question_snapshot(self, stream_id: str, version: int, req_id: str, context_tokens: int) -> StreamMemory:
+        """The snapshot a question's first step (or its recompute after a preemption) fills its context from:
+        its version if still held, else the latest one if it needs the same `context_tokens` (the report says
+        `repinned_version`). Raises `Reask` otherwise, ValueError/KeyError when the stream is gone or failed.
+        Decided from store state alone, so every tensor-parallel rank decides alike."""
+        with self._lock:
+            stream = self._get(stream_id)
+            stream.waiting.discard(req_id)
+            recompute = req_id in self._ran
+            self._ran.add(req_id)
+            memory = stream.versions.get(version)
+            if memory is None:
+                latest = stream.latest
+                if stream.closed or stream.failure is not None or latest is None or version > latest.version:
+                    # never held (a version is superseded only by a later one), or nothing to move to
+                    raise ValueError(f"stream {stream_id!r} has no version {version} (not pinned?)")
+                if latest.question_context_tokens != context_tokens:
+                    raise Reask(f"version {version} is gone and version {latest.version} needs "
+                                f"{latest.question_context_tokens} context tokens, not {context_tokens}: ask again")
+                memory = latest
+            if recompute or memory.version != version:
+                self._retrieval_reports.setdefault(req_id, {}).update(repinned_version=memory.version,
+                                                                      frames_covered=memory.frames_seen)
+            return memory
+
+    def settle(self, req_ids: list[str]) -> None:
+        """Unpin requests whose context is in vLLM's blocks (their first step ran); they stay known until
+        `release`, so a recompute after a preemption can re-pin (`question_snapshot`)."""
+        with self._lock:
+            for req_id in req_ids:
+                stream = self._streams.get(self._req_stream.get(req_id, ""))
+                if stream is not None and stream.pins.pop(req_id, None) is not None:
+                    stream.waiting.discard(req_id)
+                    self._drop_unpinned(self._req_stream[req_id], stream)
+
     def record_retrieval(self, req_id: str, report: dict[str, Any]) -> None:
         """Keep a question's retrieval report (pages per layer) until its request is released."""
         with self._lock:
-            self._retrieval_reports[req_id] = report
+            self._retrieval_reports[req_id] = {**self._retrieval_reports.get(req_id, {}), **report}
             while len(self._retrieval_reports) > MAX_UNCLAIMED_REPORTS:
                 self._retrieval_reports.popitem(last=False)
             stream = self._streams.get(self._req_stream.get(req_id, ""))
@@ -157,15 +205,16 @@ class SessionStore:
         with self._lock:
             return {r: self._retrieval_reports.pop(r) for r in req_ids if r in self._retrieval_reports}
 
-    def failure_of(self, req_id: str) -> str | None:
-        """Why a request failed (reported once: the front end asks as it releases the request; the engine's
-        own release of a finished request may come first), or why the stream of a pinned request did."""
+    def take_failure(self, req_id: str) -> tuple[str, bool] | None:
+        """Why a request failed and whether it is to be re-asked (reported once: the front end asks as it
+        releases the request; the engine's own release of a finished request may come first), or why the
+        stream of a request not yet released did."""
         with self._lock:
             failure = self._request_failures.pop(req_id, None)
         if failure is not None:
             return failure
         stream = self._streams.get(self._req_stream.get(req_id, ""))
-        return stream.failure if stream is not None else None
+        return (stream.failure, False) if stream is not None and stream.failure is not None else None
 
     def release(self, req_ids: list[str]) -> set[str]:
         """Unpin finished (or abandoned) requests; returns the streams touched."""
@@ -173,6 +222,7 @@ class SessionStore:
         with self._lock:
             for req_id in req_ids:
                 self._sink_chunks.pop(req_id, None)
+                self._ran.discard(req_id)
                 stream_id = self._req_stream.pop(req_id, None)
                 stream = self._streams.get(stream_id) if stream_id else None
                 if stream is not None:
@@ -182,7 +232,10 @@ class SessionStore:
         return touched
 
     # ---- writes ----------------------------------------------------------------------------------------
-    def commit(self, stream_id: str, memory: StreamMemory) -> None:
+    def commit(self, stream_id: str, memory: StreamMemory, req_id: str | None = None) -> None:
+        """Make `memory` (built by clip or sinks request `req_id`) the latest version. The clip's pin goes,
+        and so do those of questions still waiting for their first step: they re-pin then (`question_snapshot`),
+        so the stream keeps one version."""
         with self._lock:
             stream = self._streams.get(stream_id)
             if stream is None or stream.closed:
@@ -193,6 +246,9 @@ class SessionStore:
                                    f"version {latest.version} exists (clips of a stream must be sequential)")
             stream.versions[memory.version] = memory
             stream.last_use = time.time()
+            for pinned in [*stream.waiting, req_id]:
+                stream.pins.pop(pinned, None)
+            stream.waiting.clear()
             stream.drop_unpinned()
 
     # ---- reporting -------------------------------------------------------------------------------------

@@ -53,6 +53,12 @@ def memory_bound_bytes(config: LiveVLMConfig, shape: ModelShape, sink_tokens: in
     return kv + ltm_index + stm_index + summaries
 
 
+def capture_bytes(shape: ModelShape, tokens: int) -> int:
+    """What an engine step holds for the clips it prefills until they commit: their raw K and V on every
+    layer and one float32 score per token and KV head (`tokens`: at most the step's token budget)."""
+    return tokens * shape.layers * (2 * shape.kv_heads * shape.head_dim * shape.kv_bytes + shape.kv_heads * _SCORE_BYTES)
+
+
 # ---- the temporary memory of vision-to-vision scoring (`memory.scoring.vision_scores`) ------------------------
 SCORING_CHUNK_BYTES = 128 * 2**20  # what one chunk of scored queries may allocate (at least one query)
 

@@ -1,0 +1,125 @@
+"""A question whose snapshot went away before its context was filled (it waited behind a clip of its stream, or
+vLLM preempted it after its first step and recomputes it) re-pins the stream's latest version when that has
+the same context size, or is re-asked once; the answer says which. A real engine with a KV pool so small
+that two questions cannot decode together, and retrieval reading half the pages (`retrieve_ratio=0.5`)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from helpers import QUESTION, greedy, random_video
+
+pytestmark = pytest.mark.slow
+
+# Two-frame clips; long-term memory (24 pages) is full after 8 frames, so the context size stops changing.
+CONFIG = {"clip_frames": 2, "short_term_frames": 1, "long_term_budget_tokens": 384, "page_tokens": 16,
+          "retrieve_ratio": 0.5}
+BLOCK, STEADY_FRAMES = 128, 8
+
+
+def _steady_prompt(model_dir: str) -> int:
+    """A full stream's question prompt: sinks + 12 of 24 pages + one short-term frame and its newline + turn."""
+    from transformers import AutoTokenizer
+
+    from vllm_livevlm.streams import QUESTION_TURN, USER_TURN
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return (len(tok.encode(USER_TURN, add_special_tokens=False)) + 12 * 16 + 197
+            + len(tok.encode(QUESTION_TURN.format(question=QUESTION), add_special_tokens=False)))
+
+
+@pytest.fixture(scope="module")
+def lv(tiny_model_dir):
+    from vllm_livevlm import LiveVLM
+
+    # Two questions' prompts plus one block: the first to need another block preempts the other.
+    prompt = _steady_prompt(tiny_model_dir)
+    blocks = 2 * math.ceil(prompt / BLOCK) + 1
+    engine = LiveVLM(tiny_model_dir, CONFIG, dtype="float32", block_size=BLOCK, num_gpu_blocks_override=blocks,
+                     max_model_len=(blocks - 1) * BLOCK)
+    engine.prompt = prompt
+    engine.decode = -prompt % BLOCK + 8  # every question needs one more block while it decodes
+    yield engine
+    engine.shutdown()
+
+
+def _ask(lv, streams, tokens: int) -> list[tuple[object, int]]:
+    """Ask every stream at once; each answer with the number of times vLLM preempted its request."""
+    preemptions: dict[str, int] = {}
+    submit = lv.core.submit
+
+    async def recording_submit(prompt, sampling_params, request_id, params, on_output=None):
+        output, report = await submit(prompt, sampling_params, request_id, params, on_output)
+        preemptions[request_id] = output.metrics.num_preemptions
+        return output, report
+
+    async def together():
+        return await asyncio.gather(*(s.core.ask(QUESTION, greedy(tokens)) for s in streams))
+
+    lv.core.submit = recording_submit
+    try:
+        answers = lv._run(together())
+    finally:
+        lv.core.submit = submit
+    return list(zip(answers, preemptions.values()))
+
+
+def test_a_preempted_question_repins_and_answers_as_when_run_alone(lv):
+    streams = [lv.open_stream() for _ in range(2)]
+    for seed, stream in enumerate(streams):
+        stream.append(random_video(40 + seed, STEADY_FRAMES))
+    versions = [s.stats()["version"] for s in streams]
+    alone = _ask(lv, streams[:1], lv.decode) + _ask(lv, streams[1:], lv.decode)
+    assert [(n, a.repinned_version) for a, n in alone] == [(0, None), (0, None)]
+    assert [a.prompt_tokens for a, _ in alone] == [lv.prompt, lv.prompt]
+    together = _ask(lv, streams, lv.decode)
+    assert sum(n for _, n in together) >= 1, "the pool was meant to force a preemption"
+    assert [a.token_ids for a, _ in together] == [a.token_ids for a, _ in alone]
+    # The recompute re-pinned the latest version: the same one here (no clip landed), and it says so.
+    assert [a.repinned_version for a, _ in together] == [v if n else None for (_, n), v in zip(together, versions)]
+    assert not any(a.reasked for a, _ in together)
+    for stream in streams:
+        stream.close()
+
+
+def _ask_behind_a_clip(lv, stream, frames) -> object:
+    """Ask `stream`, with a clip of `frames` committed after the question was prepared and before vLLM runs it."""
+    submit = lv.core.submit
+    raced = []
+
+    async def submit_behind_a_clip(prompt, sampling_params, request_id, params, on_output=None):
+        if not raced:
+            raced.append(params.version)
+            await stream.core.append(frames)
+        return await submit(prompt, sampling_params, request_id, params, on_output)
+
+    lv.core.submit = submit_behind_a_clip
+    try:
+        answer = stream.ask(QUESTION, greedy(8))
+    finally:
+        lv.core.submit = submit
+    assert stream.stats()["version"] == raced[0] + 1
+    return answer
+
+
+def test_a_question_behind_a_clip_reads_the_new_version_or_is_reasked(lv):
+    full = lv.open_stream()
+    full.append(random_video(50, STEADY_FRAMES))
+    answer = _ask_behind_a_clip(lv, full, random_video(51, 2))
+    latest = full.stats()["version"]
+    assert (answer.repinned_version, answer.reasked) == (latest, False)
+    assert answer.frames_covered == STEADY_FRAMES + 2
+    assert answer.token_ids == full.ask(QUESTION, greedy(8)).token_ids  # as asked of that version directly
+
+    filling = lv.open_stream()
+    filling.append(random_video(52, 2))  # long-term memory still grows: the next clip changes the context size
+    answer = _ask_behind_a_clip(lv, filling, random_video(53, 2))
+    assert (answer.repinned_version, answer.reasked) == (None, True)
+    assert answer.frames_covered == 4
+    assert answer.token_ids == filling.ask(QUESTION, greedy(8)).token_ids
+    assert filling.stats()["frames"] == 4  # the stream is fine
+    full.close()
+    filling.close()
