@@ -68,7 +68,8 @@ def _retrieve(memory, heads: slice) -> dict[int, list[int]]:
     q_heads = slice(heads.start * Q_PER_KV * DIM, heads.stop * Q_PER_KV * DIM)
     local_kv = heads.stop - heads.start
     attn = types.SimpleNamespace(num_heads=local_kv * Q_PER_KV, num_kv_heads=local_kv, head_size=DIM)
-    active = _Active(slots=None, rows=slice(0, QUESTION_TOKENS), memory=memory, fill_context=True)
+    slots = types.SimpleNamespace(num_computed=0, num_scheduled=QUESTION_TOKENS, num_prompt=QUESTION_TOKENS)
+    active = _Active(slots=slots, rows=slice(0, QUESTION_TOKENS), memory=memory, fill_context=True)
     step = StepRequests.__new__(StepRequests)
     assert not memory.page_layout.reads_everything  # a real choice among pages
     for layer in range(LAYERS):
