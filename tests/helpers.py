@@ -136,3 +136,40 @@ class Server:
         except ProcessLookupError:
             pass
         self.process.wait()
+
+
+def ask_together(lv, streams, tokens: int, pause: bool = False) -> list[tuple[object, object]]:
+    """Ask every stream of a `LiveVLM` engine at once; each answer with its vLLM `RequestOutput.metrics`.
+
+    With `pause`, the scheduler is paused until every question is queued, so they meet in one engine step
+    whatever the machine's speed."""
+    import asyncio
+
+    metrics: dict[str, object] = {}
+    submit = lv.core.submit
+
+    async def recording_submit(prompt, sampling_params, request_id, params, on_output=None):
+        output, report = await submit(prompt, sampling_params, request_id, params, on_output)
+        metrics[request_id] = output.metrics
+        return output, report
+
+    async def together():
+        if not pause:
+            return await asyncio.gather(*(s.core.ask(QUESTION, greedy(tokens)) for s in streams))
+        await lv.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            asks = [asyncio.ensure_future(s.core.ask(QUESTION, greedy(tokens))) for s in streams]
+            while sum(r.startswith("lv-question-") for r in lv.engine.output_processor.external_req_ids) < len(streams):
+                await asyncio.sleep(0.01)
+        finally:
+            await lv.engine.resume_generation()
+        return await asyncio.gather(*asks)
+
+    lv.core.submit = recording_submit
+    try:
+        answers = lv._run(together())
+    finally:
+        lv.core.submit = submit
+    # Question request ids name their stream (`lv-question-<stream id>-...`): metrics in the streams' order.
+    return [(answer, next(m for r, m in metrics.items() if r.startswith(f"lv-question-{s.id}-")))
+            for answer, s in zip(answers, streams)]

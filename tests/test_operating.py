@@ -1,4 +1,4 @@
-"""Operating a stream server for days: limits, auth, expiry, metrics, load, leaks, faults, fuzzing and a
+"""Operating a stream server for days: limits, auth, expiry, metrics, load, leaks, faults and a
 graceful SIGTERM, against a real `vllm-livevlm serve` process on loopback (CPU, tiny model).
 
 Tests run in file order on one server; the SIGTERM test stops it and therefore comes last.
@@ -362,65 +362,6 @@ def test_faults_leave_the_server_healthy(server):
     while (now := _pool(url)) != start and time.time() < deadline:
         time.sleep(0.5)
     assert now == start
-
-
-# ---- fuzzing ---------------------------------------------------------------------------------------------------
-def test_malformed_requests_never_get_a_5xx(server):
-    """≥500 malformed requests over every route: 4xx only, and the victim stream is unchanged."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    url = server.url
-    victim, owner = _create(url)
-    requests.post(f"{url}/v1/video/streams/{victim}/frames?wait=true", files=_files(range(4)), headers=owner)
-    before = _chat(url, victim, owner).json()["choices"][0]["message"]["content"]
-    frames_before = requests.get(f"{url}/v1/video/streams/{victim}", headers=owner).json()["stats"]["frames_received"]
-
-    junk = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
-                        | st.text(max_size=40), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
-                        max_leaves=12)
-    stream_ids = st.sampled_from([victim, "nope", "../../etc", "%00", "a" * 300])
-    json_bodies = st.one_of(
-        junk,
-        st.fixed_dictionaries({}, optional={"config": junk, "system_prompt": junk, "pending_policy": junk}),
-        st.fixed_dictionaries({}, optional={"frames": st.lists(junk | st.binary(max_size=30).map(lambda b: b.hex()), max_size=3),
-                                            "video": junk, "timestamps": junk}),
-        st.fixed_dictionaries({"messages": junk}, optional={"session_id": stream_ids | junk, "model": junk,
-                                                            "max_tokens": st.integers(-5, 4) | junk, "n": junk,
-                                                            "stream": st.booleans()}))
-    content_types = st.sampled_from(["application/json", "multipart/form-data", "multipart/form-data; boundary=x",
-                                     "video/mp4", "image/jpeg", "text/plain", ""])
-    routes = st.sampled_from(["POST /v1/video/streams", "GET /v1/video/streams", "GET /v1/video/streams/{id}",
-                              "DELETE /v1/video/streams/{id}", "POST /v1/video/streams/{id}/frames",
-                              "POST /v1/video/streams/{id}/frames?wait=true", "POST /v1/chat/completions",
-                              "GET /v1/video/engine", "PUT /v1/video/streams/{id}"])
-    tokens = st.sampled_from([None, "wrong", owner["X-Stream-Token"]])
-    created, seen = [], []
-
-    @settings(max_examples=520, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(route=routes, stream_id=stream_ids, body=json_bodies, raw=st.binary(max_size=200),
-           content_type=content_types, as_json=st.booleans(), token=tokens)
-    def fuzz(route, stream_id, body, raw, content_type, as_json, token):
-        method, path = route.split(" ")
-        if method == "DELETE" and stream_id == victim and token == owner["X-Stream-Token"]:
-            token = "wrong"  # deleting the victim properly is not malformed
-        headers = {**AUTH, **({"X-Stream-Token": token} if token else {}), "Content-Type": content_type}
-        data = json.dumps(body).encode() if as_json else raw
-        r = requests.request(method, url + path.replace("{id}", stream_id), data=data, headers=headers, timeout=120)
-        seen.append(r.status_code)
-        assert r.status_code < 500, (method, path, stream_id, body if as_json else raw, r.status_code, r.text)
-        if method == "POST" and path == "/v1/video/streams" and r.status_code == 200:
-            created.append(r.json())
-
-    fuzz()
-    for s in created:
-        requests.delete(f"{url}/v1/video/streams/{s['id']}", headers={**AUTH, "X-Stream-Token": s["token"]})
-    assert len(seen) >= 500
-    print(f"\nfuzz: {len(seen)} requests, statuses {sorted(set(seen))}")
-    assert requests.get(f"{url}/health").status_code == 200
-    assert requests.get(f"{url}/v1/video/streams/{victim}", headers=owner).json()["stats"]["frames_received"] == frames_before
-    assert _chat(url, victim, owner).json()["choices"][0]["message"]["content"] == before
-    requests.delete(f"{url}/v1/video/streams/{victim}", headers=owner)
 
 
 # ---- graceful shutdown (stops the server: last) -------------------------------------------------------------

@@ -4,12 +4,11 @@ teacher-forced on the bf16 answer) on the top-1 token for most positions."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import pytest
 
-from helpers import QUESTION, greedy, random_video
+from helpers import QUESTION, ask_together, greedy, random_video
 from reference.livevlm_reference import ReferenceLiveVLM
 from vllm_livevlm.config import LiveVLMConfig
 
@@ -52,36 +51,15 @@ def lv(gqa_model_dir):
     engine.shutdown()
 
 
-def _ask_recording(lv, streams, tokens: int) -> list[tuple[list[int], int]]:
-    """Ask every stream at once; each answer with the number of times vLLM preempted it."""
-    preemptions: dict[str, int] = {}
-    submit = lv.core.submit
-
-    async def recording_submit(prompt, sampling_params, request_id, params, on_output=None):
-        output, report = await submit(prompt, sampling_params, request_id, params, on_output)
-        preemptions[request_id] = output.metrics.num_preemptions
-        return output, report
-
-    async def together():
-        return await asyncio.gather(*(s.core.ask(QUESTION, greedy(tokens)) for s in streams))
-
-    lv.core.submit = recording_submit
-    try:
-        answers = lv._run(together())
-    finally:
-        lv.core.submit = submit
-    return [(a.token_ids, n) for a, n in zip(answers, preemptions.values())]
-
-
 def test_preempted_questions_answer_as_when_run_alone(lv):
     streams = [lv.open_stream() for _ in range(2)]
     for seed, stream in enumerate(streams):
         stream.append(random_video(20 + seed, FRAMES))
-    alone = _ask_recording(lv, streams[:1], lv.decode) + _ask_recording(lv, streams[1:], lv.decode)
-    assert [n for _, n in alone] == [0, 0]
-    together = _ask_recording(lv, streams, lv.decode)
-    assert sum(n for _, n in together) >= 1, "the pool was meant to force a preemption"
-    assert [t for t, _ in together] == [t for t, _ in alone]
+    alone = ask_together(lv, streams[:1], lv.decode) + ask_together(lv, streams[1:], lv.decode)
+    assert [m.num_preemptions for _, m in alone] == [0, 0]
+    together = ask_together(lv, streams, lv.decode)
+    assert sum(m.num_preemptions for _, m in together) >= 1, "the pool was meant to force a preemption"
+    assert [a.token_ids for a, _ in together] == [a.token_ids for a, _ in alone]
     for stream in streams:
         stream.close()
 

@@ -5,12 +5,11 @@ that two questions cannot decode together, and retrieval reading half the pages 
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import pytest
 
-from helpers import QUESTION, greedy, random_video
+from helpers import QUESTION, ask_together, greedy, random_video
 
 pytestmark = pytest.mark.slow
 
@@ -46,40 +45,20 @@ def lv(tiny_model_dir):
     engine.shutdown()
 
 
-def _ask(lv, streams, tokens: int) -> list[tuple[object, int]]:
-    """Ask every stream at once; each answer with the number of times vLLM preempted its request."""
-    preemptions: dict[str, int] = {}
-    submit = lv.core.submit
-
-    async def recording_submit(prompt, sampling_params, request_id, params, on_output=None):
-        output, report = await submit(prompt, sampling_params, request_id, params, on_output)
-        preemptions[request_id] = output.metrics.num_preemptions
-        return output, report
-
-    async def together():
-        return await asyncio.gather(*(s.core.ask(QUESTION, greedy(tokens)) for s in streams))
-
-    lv.core.submit = recording_submit
-    try:
-        answers = lv._run(together())
-    finally:
-        lv.core.submit = submit
-    return list(zip(answers, preemptions.values()))
-
-
 def test_a_preempted_question_repins_and_answers_as_when_run_alone(lv):
     streams = [lv.open_stream() for _ in range(2)]
     for seed, stream in enumerate(streams):
         stream.append(random_video(40 + seed, STEADY_FRAMES))
     versions = [s.stats()["version"] for s in streams]
-    alone = _ask(lv, streams[:1], lv.decode) + _ask(lv, streams[1:], lv.decode)
-    assert [(n, a.repinned_version) for a, n in alone] == [(0, None), (0, None)]
+    alone = ask_together(lv, streams[:1], lv.decode) + ask_together(lv, streams[1:], lv.decode)
+    assert [(m.num_preemptions, a.repinned_version) for a, m in alone] == [(0, None), (0, None)]
     assert [a.prompt_tokens for a, _ in alone] == [lv.prompt, lv.prompt]
-    together = _ask(lv, streams, lv.decode)
-    assert sum(n for _, n in together) >= 1, "the pool was meant to force a preemption"
+    together = ask_together(lv, streams, lv.decode)
+    assert sum(m.num_preemptions for _, m in together) >= 1, "the pool was meant to force a preemption"
     assert [a.token_ids for a, _ in together] == [a.token_ids for a, _ in alone]
     # The recompute re-pinned the latest version: the same one here (no clip landed), and it says so.
-    assert [a.repinned_version for a, _ in together] == [v if n else None for (_, n), v in zip(together, versions)]
+    assert [a.repinned_version for a, _ in together] == [v if m.num_preemptions else None
+                                                         for (_, m), v in zip(together, versions)]
     assert not any(a.reasked for a, _ in together)
     for stream in streams:
         stream.close()

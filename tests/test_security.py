@@ -524,9 +524,8 @@ def test_non_streamed_answer_cancelled_when_its_client_disconnects(server):
     delete_stream(server, stream_id, owner)
 
 
-# ---- fuzz: every POST route, with the fields and headers vLLM maps into the engine request (item 2) --------
-FUZZ_CASES = 1100
-DEBUG = []
+# ---- fuzz: every route, with the fields and headers vLLM maps into the engine request (item 2) -------------
+FUZZ_CASES = 2000
 
 
 def sse_errors(text: str) -> list[dict]:
@@ -535,15 +534,16 @@ def sse_errors(text: str) -> list[dict]:
     return [e["error"] for e in events if isinstance(e, dict) and isinstance(e.get("error"), dict)]
 
 
-def test_fuzz_every_post_route_with_engine_fields(server, victim):
-    """Valid bodies of every POST route mixed with reserved, engine-mapped and junk fields, engine-mapped
-    headers, other encodings, with and without the API key: a JSON body holding a reserved key anywhere is
-    refused by the boundary (400, or --api-key's 401 first where it guards the path), nothing answers a 5xx
-    (streamed error events included), and the engine still answers (the final check: the victim too)."""
+def test_fuzz_every_route_with_engine_fields(server, victim):
+    """Valid bodies of every POST route (and our stream routes' other methods) mixed with reserved,
+    engine-mapped and junk fields, engine-mapped headers, other encodings, with and without the API key: a
+    JSON body holding a reserved key anywhere is refused by the boundary (400, or --api-key's 401 first where
+    it guards the path), nothing answers a 5xx (streamed error events included), and the engine, a stock
+    completion and the victim (stats and greedy answer) are as before."""
     import urllib.parse
 
-    from engine_fuzz import (ENGINE_ROUTES, FRAMES_ROUTE, NOT_FUZZED, NOT_IMPLEMENTED, RESERVED_KEYS, ROUTE_BODIES,
-                             a_few, bounded, engine_fields, junk, keys_in, one_in)
+    from engine_fuzz import (ENGINE_ROUTES, FRAMES_ROUTE, NOT_FUZZED, NOT_IMPLEMENTED, OTHER_ROUTES, RESERVED_KEYS,
+                             ROUTE_BODIES, a_few, bounded, engine_fields, forged_fields, junk, keys_in, one_in)
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -563,23 +563,26 @@ def test_fuzz_every_post_route_with_engine_fields(server, victim):
            "{response_id}": st.sampled_from(["resp_nope", "..", "%00"])}
     statuses: list[int] = []
 
+    routes = [f"POST {route}" for route in sorted(ROUTE_BODIES) + 2 * list(ENGINE_ROUTES)] + list(OTHER_ROUTES)
+
     @settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(data=st.data(), route=st.sampled_from(sorted(ROUTE_BODIES) + 2 * list(ENGINE_ROUTES)), fields=engine_fields(victim.id),
+    @given(data=st.data(), route=st.sampled_from(routes),
+           fields=st.tuples(engine_fields(victim.id), one_in(3, forged_fields(victim.id))),
            whole=one_in(10, junk), raw=one_in(20, st.binary(max_size=64)),
            encoding=st.sampled_from(["json"] * 5 + sorted(encodings)), extra=headers,
            keyed=st.sampled_from([True, True, True, False]), wait=st.booleans())
     def fuzz(data, route, fields, whole, encoding, raw, extra, keyed, wait):
+        method, route = route.split(" ")
         path = route
         for placeholder, values in ids.items():
             path = path.replace(placeholder, data.draw(values)) if placeholder in path else path
-        body = bounded({**ROUTE_BODIES[route], **fields}) if whole is None else whole
+        body = bounded({**ROUTE_BODIES.get(route, {}), **fields[0], **(fields[1] or {})}) if whole is None else whole
         sent = raw if raw is not None else (encodings["json"] if encoding == "form" and not isinstance(body, dict)
                                             else encodings[encoding])(body)
-        r = requests.post(f"{server.url}{path}{'?wait=true' if wait else ''}", data=sent, timeout=60,
-                          headers={"Content-Type": "application/json", **(AUTH if keyed else {}), **extra})
+        r = requests.request(method, f"{server.url}{path}{'?wait=true' if wait else ''}", data=sent, timeout=60,
+                             headers={"Content-Type": "application/json", **(AUTH if keyed else {}), **extra})
         statuses.append(r.status_code)
-        DEBUG.append((route, r.status_code, r.text[:150]))
         case = (path, encoding, extra, sent[:2000], r.status_code, r.text[:2000])
         if r.status_code == 501 and route in NOT_IMPLEMENTED:
             assert r.json()["error"]["message"] == NOT_IMPLEMENTED[route], case
@@ -591,20 +594,17 @@ def test_fuzz_every_post_route_with_engine_fields(server, victim):
                 assert r.status_code == 401, case
             else:
                 assert r.status_code == 400 and r.json()["error"]["param"] in reserved, case
-        if route == "/v1/video/streams" and r.status_code == 200:
+        if (method, route) == ("POST", "/v1/video/streams") and r.status_code == 200:
             delete_stream(server, r.json()["id"], {**AUTH, "X-Stream-Token": r.json()["token"]})
 
     fuzz()
-    import collections
-    print(collections.Counter((a, b) for a, b, _ in DEBUG))
-    print(collections.Counter(c for _, _, c in DEBUG).most_common(40))
     print(f"\nfuzz: {len(statuses)} requests, statuses {sorted(set(statuses))}")
     assert len(statuses) >= 1000 and 200 in statuses and 400 in statuses
     assert_alive(server)
     r = requests.post(f"{server.url}/v1/completions", headers=AUTH, timeout=60, json={
         "model": "tiny", "prompt": "x", "max_tokens": 2, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
-    assert victim.current_stats() == victim.stats
+    assert victim.current_stats() == victim.stats and victim.ask() == victim.answer
 
 
 # ==== final check: keep these last ==========================================================================

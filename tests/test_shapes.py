@@ -4,13 +4,12 @@ reference (`tests/reference/`), both `encode_context` modes, and two streams' qu
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import numpy as np
 import pytest
 
-from helpers import QUESTION, greedy, random_video
+from helpers import QUESTION, ask_together, greedy, random_video
 from reference.livevlm_reference import ReferenceLiveVLM
 
 pytestmark = pytest.mark.slow
@@ -119,37 +118,14 @@ def test_two_streams_questions_batched_in_one_step_equal_each_alone(lv):
     alone = [stream.ask(QUESTION, greedy(12)) for stream in streams]
     assert alone[0].retrieved_page_indices != alone[1].retrieved_page_indices  # two different retrievals
 
-    scheduled: dict[str, float] = {}
-    submit = lv.core.submit
-
-    async def recording_submit(prompt, sampling_params, request_id, params, on_output=None):
-        output, report = await submit(prompt, sampling_params, request_id, params, on_output)
-        scheduled[request_id] = output.metrics.scheduled_ts
-        return output, report
-
-    async def together():
-        # Paused, so both questions are waiting when the scheduler next runs, whatever the machine's speed.
-        await lv.engine.pause_generation(mode="keep", clear_cache=False)
-        try:
-            asks = [asyncio.ensure_future(s.core.ask(QUESTION, greedy(12))) for s in streams]
-            while sum(r.startswith("lv-question-") for r in lv.engine.output_processor.external_req_ids) < 2:
-                await asyncio.sleep(0.01)
-        finally:
-            await lv.engine.resume_generation()
-        return await asyncio.gather(*asks)
-
-    lv.core.submit = recording_submit
-    try:
-        batched = lv._run(together())
-    finally:
-        lv.core.submit = submit
-    assert len(scheduled) == 2 and len(set(scheduled.values())) == 1 and 0 not in scheduled.values()
-    for one, both in zip(alone, batched):
+    batched = ask_together(lv, streams, 12, pause=True)
+    scheduled = [m.scheduled_ts for _, m in batched]
+    assert len(scheduled) == 2 and len(set(scheduled)) == 1 and 0 not in scheduled
+    for one, (both, _) in zip(alone, batched):
         assert both.token_ids == one.token_ids
         assert both.retrieved_page_indices == one.retrieved_page_indices
     for stream in streams:
         stream.close()
-
 
 
 def test_the_store_keeps_raw_keys_whatever_the_stream_position(lv):
