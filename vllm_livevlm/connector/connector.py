@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from torch.profiler import record_function
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                 KVConnectorRole)
 
@@ -207,7 +208,8 @@ class LiveVLMConnector(KVConnectorBase_V1):
             from vllm.forward_context import get_forward_context
 
             try:
-                self._step = StepRequests(meta.requests, self.store, forward_context or get_forward_context())
+                with record_function("livevlm::step_setup"):
+                    self._step = StepRequests(meta.requests, self.store, forward_context or get_forward_context())
             except Exception as e:  # never end the engine: fail this step's LiveVLM requests instead
                 logger.exception("LiveVLM: could not prepare the step")
                 for req in meta.requests:
@@ -256,6 +258,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
                     self.store.fail_request(req_id, reason)
                 self.store.release(meta.finished)
             if step is not None:
-                step.commit()
+                with record_function("livevlm::commit"):
+                    step.commit()
         except Exception:
             logger.exception("LiveVLM: wait_for_save failed")

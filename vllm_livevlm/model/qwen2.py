@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -43,9 +44,12 @@ class LiveVLMQwen2Attention(Qwen2Attention):
             return super().forward(positions, hidden_states)
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        step.before_attention(self.layer_index, self.attn, self.rotary_emb, q, k, v)
+        # Named ranges: a torch.profiler trace shows what LiveVLM itself costs in a step (docs/benchmarks.md).
+        with record_function("livevlm::before_attention"):
+            step.before_attention(self.layer_index, self.attn, self.rotary_emb, q, k, v)
         q, k = self.rotary_emb(positions, q, k)
-        step.after_rotary(self.layer_index, self.attn, q, k)
+        with record_function("livevlm::after_rotary"):
+            step.after_rotary(self.layer_index, self.attn, q, k)
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)
         return output
