@@ -162,11 +162,11 @@ class StepRequests:
             ctx_k, ctx_v = a.memory.clip_context(layer)
         else:
             ctx_k, ctx_v = a.memory.question_context(layer, self._retrieve(a, a.memory, layer, attn, q))
-        rotated = ctx_k.reshape(ctx_k.shape[0], heads * dim).clone()
+        rotated = ctx_k.view(ctx_k.shape[0], heads * dim)  # a new tensor (see `StreamMemory`): rotated in place
         positions = torch.arange(rotated.shape[0], device=rotated.device)
-        rotary_emb(positions, rotated, None)  # rotate once from raw, in place, same kernel as the model
+        rotary_emb(positions, rotated, None)  # rotate once from raw, same kernel as the model
         rotated = rotated.view(-1, heads, dim)
-        attn.impl.do_kv_cache_update(attn, rotated, ctx_v.contiguous(), attn.kv_cache, a.context_slots)
+        attn.impl.do_kv_cache_update(attn, rotated, ctx_v, attn.kv_cache, a.context_slots)
         if kind == RequestKind.CLIP:
             start, stop = a.memory.scored_context_range()
             a.scored_context_k[layer] = rotated[start:stop]

@@ -124,7 +124,8 @@ class StreamMemory:
 
     # ---- what a request's context slots receive ---------------------------------------------------------
     def clip_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw keys and values [P, H, D] of a clip's context for one layer, in slot order."""
+        """Raw keys and values [P, H, D] of a clip's context for one layer, in slot order (new tensors: the
+        caller may rotate them in place)."""
         parts = [(self.sinks_k, self.sinks_v)]
         if self.config.encode_context == "all":
             parts.append((self.ltm_k, self.ltm_v))
@@ -133,13 +134,24 @@ class StreamMemory:
 
     def question_context(self, layer: int, ltm_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw keys and values of a question's context: sinks, the long-term tokens `ltm_index` (all when
-        None), short-term memory."""
-        ltm_k, ltm_v = self.ltm_k[layer], self.ltm_v[layer]
-        if ltm_index is not None:
-            ltm_k, ltm_v = ltm_k[ltm_index], ltm_v[ltm_index]
-        k = torch.cat([self.sinks_k[layer], ltm_k, self.stm_k[layer]])
-        v = torch.cat([self.sinks_v[layer], ltm_v, self.stm_v[layer]])
-        return k, v
+        None), short-term memory. New tensors (the caller may rotate them in place), each written in one pass:
+        the retrieved tokens are gathered straight into their slots."""
+        return (self._question_part(self.sinks_k, self.ltm_k, self.stm_k, layer, ltm_index),
+                self._question_part(self.sinks_v, self.ltm_v, self.stm_v, layer, ltm_index))
+
+    @staticmethod
+    def _question_part(sinks: torch.Tensor, ltm: torch.Tensor, stm: torch.Tensor, layer: int,
+                       ltm_index: torch.Tensor | None) -> torch.Tensor:
+        read = ltm.shape[1] if ltm_index is None else ltm_index.shape[0]
+        start, stop = sinks.shape[1], sinks.shape[1] + read
+        out = sinks.new_empty((stop + stm.shape[1], *sinks.shape[2:]))
+        out[:start] = sinks[layer]
+        if ltm_index is None:
+            out[start:stop] = ltm[layer]
+        else:
+            torch.index_select(ltm[layer], 0, ltm_index, out=out[start:stop])
+        out[stop:] = stm[layer]
+        return out
 
     def page_frames(self, layers: list[int], pages: torch.Tensor) -> torch.Tensor:
         """First and last stream frame [len(layers), k, 2] of the long-term pages `pages` [len(layers), k] of
