@@ -43,7 +43,6 @@ ROUTE_BODIES: dict[str, dict[str, Any]] = {
     "/v1/chat/completions/derender": {"model": MODEL, "token_ids": [1, 2]},
     "/v1/completions/derender": {"model": MODEL, "token_ids": [1, 2]},
     "/inference/v1/generate": {"model": MODEL, "token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 2}},
-    "/inference/v1/abort_requests": {"request_ids": ["nope"]},
     "/v1/responses/{response_id}/cancel": {},
     # ours: a stream (never the victim's token), frames pushed to a stream
     "/v1/video/streams": {"config": {"clip_frames": 4}},
@@ -58,8 +57,9 @@ ENGINE_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/chat/completion
 # POST routes that build no engine request and are not fuzzed here, and why.
 NOT_FUZZED = {
     "/ping": "no body: a health probe",
-    "/is_scaling_elastic_ep": "no body: reads a flag",
-    "/scale_elastic_ep": "engine control, unauthenticated in vLLM: answers 500 (reported, not a request)",
+    "/is_scaling_elastic_ep": "engine control: not served (404, `serving.access.ADMIN_PATHS`)",
+    "/scale_elastic_ep": "engine control: not served (404, `serving.access.ADMIN_PATHS`)",
+    "/inference/v1/abort_requests": "engine control (aborts any request by id): not served (404)",
 }
 # vLLM's honest "not for this model" answer (the tiny model has no structured-decision support).
 NOT_IMPLEMENTED = {"/v1/systemone": "The model does not support the structured decision API"}

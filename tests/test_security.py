@@ -24,6 +24,7 @@ QUESTION = "what is happening in the video?"
 RSS_GROWTH_LIMIT = 512 * 1024**2
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_WEBSOCKETS = 4
+MAX_ANSWER_TOKENS = 16000  # the disconnect test needs an answer long enough to leave in the middle of
 
 
 def process_tree_rss(pid: int) -> int:
@@ -84,7 +85,8 @@ class Victim:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     process = Server(tiny_model_dir, tmp_path_factory.mktemp("security") / "server.log", CONFIG,
-                     {"max_frames_per_request": 32, "max_websockets": MAX_WEBSOCKETS}, "--api-key", API_KEY,
+                     {"max_frames_per_request": 32, "max_websockets": MAX_WEBSOCKETS,
+                      "max_answer_tokens": MAX_ANSWER_TOKENS}, "--api-key", API_KEY,
                      "--served-model-name", "tiny")
     process.wait_ready()
     yield process
@@ -113,14 +115,245 @@ def test_victim_baseline(server, victim, rss_before):
 
 
 # ==== attack tests go here, above the final check (pytest runs them in file order) ========================
+# ---- the attacker review: media on stock routes, routes outside --api-key, bodies, JSON depth, admin routes,
+# websocket question values -----------------------------------------------------------------------------------
+MEDIA_HINT = "is not accepted on this route: send images and video to a stream (POST /v1/video/streams, then " \
+             ".../frames); questions are text"
+MAX_REQUEST_BODY_BYTES = 8 * 1024**2  # the server's default max_request_body_bytes
+
+
+def media_refused(response, part: str) -> None:
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": f"media content (`{part}`) {MEDIA_HINT}",
+                                        "type": "BadRequestError", "param": part, "code": 400}
+
+
+def video_message(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": QUESTION}]}]
+
+
+def test_8k_video_in_a_stock_chat_refused_before_vllm_decodes_it(server):
+    """Finding: /invocations with a 16 KB data-URL 8K mp4 answered 200 after 18 s, RSS +6.4 GiB (vLLM decoded
+    it itself, outside our upload checks). Now: 401 without the key, 400 with it, in well under a second."""
+    import base64
+    import time
+
+    with open(EIGHT_K_VIDEO, "rb") as f:
+        url = "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
+    before = process_tree_rss(server.process.pid)
+    for path in ("/invocations", "/v1/chat/completions", "/v1/chat/completions/render", "/tokenize"):
+        body = {"model": "tiny", "messages": video_message(url), "max_tokens": 1}
+        start = time.perf_counter()
+        r = requests.post(f"{server.url}{path}", json=body, timeout=120)
+        assert r.status_code == 401, (path, r.text)
+        media_refused(requests.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=120), "video_url")
+        assert time.perf_counter() - start < 2.0, path
+    assert process_tree_rss(server.process.pid) - before < 100 * 2**20
+    assert_alive(server)
+
+
+def test_media_urls_never_fetched(server):
+    """Finding (SSRF): a `video_url` naming a loopback URL made the server fetch it; `/v1/systemone` takes
+    `videos` too. Every media form on every stock route is refused, and the URL is never requested."""
+    import http.server
+    import threading
+    import time
+
+    fetched: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            fetched.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=target.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{target.server_address[1]}"
+    try:
+        requests.get(f"{base}/probe", timeout=10)  # the recorder records
+        assert fetched == ["/probe"]
+        user = lambda part: [{"role": "user", "content": [part]}]  # noqa: E731
+        attempts = [
+            ("/invocations", {"messages": video_message(f"{base}/x.mp4"), "max_tokens": 1}, "video_url"),
+            ("/v1/chat/completions", {"model": "tiny", "messages": user({"type": "image_url", "image_url": {
+                "url": f"{base}/x.png"}}), "max_tokens": 1}, "image_url"),
+            ("/v1/chat/completions", {"model": "tiny", "messages": user({"audio_url": {"url": f"{base}/x.wav"}}),
+                                      "max_tokens": 1}, "audio_url"),
+            ("/v1/responses", {"model": "tiny", "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": f"{base}/x.png"}]}], "max_output_tokens": 1}, "input_image"),
+            ("/v1/messages", {"model": "tiny", "max_tokens": 1, "messages": user({"type": "image", "source": {
+                "type": "url", "url": f"{base}/x.png"}})}, "image"),
+            ("/v1/systemone", {"model": "tiny", "state": "s", "videos": [f"{base}/x.mp4"],
+                               "questions": {"q": {"type": "yes_no"}}}, "videos"),
+            ("/v1/systemone", {"model": "tiny", "state": "s", "images": [f"{base}/x.png"],
+                               "questions": {"q": {"type": "yes_no"}}}, "images"),
+            ("/inference/v1/generate", {"model": "tiny", "token_ids": [1, 2], "sampling_params": {"max_tokens": 1},
+                                        "content_parts": [{"type": "video_url", "url": f"{base}/x.mp4"}]},
+             "video_url"),  # the innermost part is named first
+        ]
+        for path, body, part in attempts:
+            media_refused(requests.post(f"{server.url}{path}", json=body, headers=AUTH, timeout=60), part)
+        time.sleep(1.0)  # a fetch would have arrived by now
+        assert fetched == ["/probe"]
+    finally:
+        target.shutdown()
+    assert_alive(server)
+
+
+def test_every_route_needs_the_key_but_the_probes(server):
+    """Finding: /invocations, /tokenize, /detokenize, /generative_scoring (everything outside /v1, /v2,
+    /inference, /cohere) answered without the key."""
+    unauthorized = {"message": "a valid API key is required: send `Authorization: Bearer <key>`",
+                    "type": "AuthenticationError", "param": None, "code": 401}
+    posts = {"/invocations": {"prompt": "x", "max_tokens": 1}, "/tokenize": {"model": "tiny", "prompt": "x"},
+             "/detokenize": {"model": "tiny", "tokens": [1, 2]},
+             "/generative_scoring": {"model": "tiny", "query": "a", "items": ["b"], "label_token_ids": [1, 2]}}
+    for path, body in posts.items():
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            r = requests.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+            assert r.status_code == 401 and r.json()["error"] == unauthorized, (path, r.text)
+    for path in ("/openapi.json", "/docs", "/redoc", "/server_info", "/x"):
+        assert requests.get(f"{server.url}{path}", timeout=60).status_code in (401, 404), path
+    assert requests.get(f"{server.url}/openapi.json", timeout=60).status_code == 401
+    for path in ("/health", "/ping", "/metrics", "/version"):
+        assert requests.get(f"{server.url}{path}", timeout=60).status_code == 200, path
+    r = requests.post(f"{server.url}/tokenize", json=posts["/tokenize"], headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["count"] >= 1, r.text
+    assert_alive(server)
+
+
+def head_only(server, path: str, length: int, headers: dict[str, str] | None = None, body: bytes = b"") -> int:
+    """Send a request head declaring `length` body bytes and only `body` of them; the response's status."""
+    import socket
+
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**(headers or {}), "Content-Type": "application/json",
+                                                "Content-Length": length}.items())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode() + body)
+        return int(client.recv(4096).split(b" ", 2)[1])
+
+
+def test_bodies_refused_before_they_are_read(server):
+    """Finding: on paths outside --api-key the boundary buffered up to 64 MiB per request before any check
+    (8 connections x 59 MiB: +455 MiB). Now an unauthenticated request is answered 401 from its head alone,
+    and an authenticated JSON body is capped at `max_request_body_bytes`."""
+    import concurrent.futures
+
+    before = process_tree_rss(server.process.pid)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        firsts = list(pool.map(lambda _: head_only(server, "/invocations", 59 * 2**20, body=b'{"prompt": "'),
+                               range(8)))
+    assert firsts == [401] * 8
+    assert head_only(server, "/invocations", MAX_REQUEST_BODY_BYTES + 1, AUTH) == 413
+
+    def chunked():
+        yield b'{"prompt": "'
+        for _ in range(MAX_REQUEST_BODY_BYTES // 2**20 + 1):
+            yield b"x" * 2**20
+
+    r = requests.post(f"{server.url}/invocations", data=chunked(), headers={**AUTH, "Content-Type": "application/json"},
+                      timeout=60)
+    refused(r, 413, f"request body exceeds the limit of {MAX_REQUEST_BODY_BYTES} bytes")
+    assert process_tree_rss(server.process.pid) - before < 100 * 2**20
+    assert_alive(server)
+
+
+def test_deep_json_refused_not_500(server):
+    """Finding: `'[' * 200000 + ']' * 200000` on /invocations answered 500 (RecursionError inside vLLM)."""
+    message = "the JSON body nests deeper than 128 levels (max_json_depth)"
+    for body in ("[" * 200000 + "]" * 200000, '{"prompt": "x", "max_tokens": 1, "x": ' + "[" * 129 + "]" * 129 + "}",
+                 '{"a":' * 5000 + "1" + "}" * 5000):
+        for headers in (AUTH, {}):
+            r = requests.post(f"{server.url}/invocations", data=body.encode(), timeout=60,
+                              headers={**headers, "Content-Type": "application/json"})
+            if headers:
+                refused(r, 400, message)
+            else:
+                assert r.status_code == 401, r.text
+    # as deep as allowed: an ordinary request (vLLM ignores the unknown field)
+    r = requests.post(f"{server.url}/invocations", headers={**AUTH, "Content-Type": "application/json"}, timeout=120, data=(
+        '{"prompt": "x", "max_tokens": 1, "x": ' + "[" * 127 + "]" * 127 + "}").encode())
+    assert r.status_code == 200, r.text
+    assert_alive(server)
+
+
+def test_engine_control_routes_not_served(server):
+    """Finding: /scale_elastic_ep answered without the key, and `{"new_data_parallel_size": 2}` gave 500."""
+    for path in ("/scale_elastic_ep", "/is_scaling_elastic_ep", "/inference/v1/abort_requests", "/scale_elastic_ep/"):
+        for headers in ({}, AUTH):
+            r = requests.post(f"{server.url}{path}", json={"new_data_parallel_size": 2, "request_ids": ["x"]},
+                              headers=headers, timeout=60)
+            # vLLM's own key check, outside ours, answers first under /inference
+            expected = 401 if not headers and path.startswith("/inference") else 404
+            assert r.status_code == expected, (path, headers, r.text)
+    assert_alive(server)
+
+
+def test_question_values_checked_on_the_socket_and_the_chat_route(server):
+    """Finding: websocket questions with `max_tokens` 1e400, -1 or nested JSON answered error 500, 1e8 was
+    accepted, `question: ["a"]` too. Each is a 400 naming the field now; the socket stays usable."""
+    import asyncio
+
+    import websockets
+
+    stream_id, owner = open_stream(server)
+    budget = f"max_tokens must be an integer from 1 to {MAX_ANSWER_TOKENS} (max_answer_tokens)"
+    question = '{"type": "question", "question": "q", %s}'
+    bad = [(question % '"max_tokens": 1e400', "max_tokens", budget), (question % '"max_tokens": -1', "max_tokens", budget),
+           (question % '"max_tokens": 0', "max_tokens", budget), (question % '"max_tokens": 1e8', "max_tokens", budget),
+           (question % f'"max_tokens": {10**8}', "max_tokens", budget),
+           (question % '"max_tokens": "5"', "max_tokens", budget), (question % '"max_tokens": true', "max_tokens", budget),
+           (question % '"temperature": NaN', "temperature", "temperature must be a finite number >= 0"),
+           (question % '"temperature": 1e400', "temperature", "temperature must be a finite number >= 0"),
+           (question % '"temperature": "hot"', "temperature", "temperature must be a finite number >= 0"),
+           (question % '"ignore_eos": "yes"', "ignore_eos", "ignore_eos must be true or false"),
+           ('{"type": "question", "question": ["a"]}', "question", "question must be a string"),
+           ('{"type": "question", "question": {"a": 1}}', "question", "question must be a string"),
+           ("[" * 100000 + "]" * 100000, "type", "text messages must be JSON objects"),
+           ('{"type": "question", "question": ' + "[" * 100000, "type", "text messages must be JSON objects"),
+           ("not json", "type", "text messages must be JSON objects")]
+
+    async def session() -> tuple[list[dict], dict]:
+        async with websockets.connect(socket_url(server, stream_id), additional_headers=owner,
+                                      max_size=2**24) as ws:
+            errors = []
+            for text, _, _ in bad:
+                await ws.send(text)
+                errors.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "question", "question": QUESTION, "max_tokens": 3, "ignore_eos": True}))
+            while (reply := json.loads(await ws.recv()))["type"] != "answer.done":
+                assert reply["type"] == "answer.delta", reply
+            return errors, reply
+
+    errors, done = asyncio.run(session())
+    assert [(e["type"], e["error"]["code"], e["error"]["param"], e["error"]["message"]) for e in errors] == \
+        [("error", 400, param, message) for _, param, message in bad]
+    assert done["text"]
+    chat = '{"model": "tiny", "messages": [{"role": "user", "content": "q"}], "session_id": "%s", %s}'
+    for fields, param in (('"max_tokens": %d' % 10**8, "max_tokens"), ('"max_tokens": -1', "max_tokens"),
+                          ('"max_tokens": 0', "max_tokens"), ('"max_completion_tokens": 0', "max_tokens"),
+                          ('"max_tokens": 2, "temperature": 1e400', "temperature"),
+                          ('"max_tokens": 2, "temperature": NaN', "temperature"),
+                          ('"max_tokens": 2, "top_p": 0', "top_p")):
+        r = requests.post(f"{server.url}/v1/chat/completions", data=(chat % (stream_id, fields)).encode(), timeout=60,
+                          headers={**owner, "Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (fields, r.text)
+    delete_stream(server, stream_id, owner)
+    assert_alive(server)
+
+
 # ---- trust boundary: client-supplied engine transfer fields (items 1, 2) ------------------------------------
-GUARDED = ("/v1", "/v2", "/inference", "/cohere")  # what vLLM's --api-key middleware checks
 ENGINE_ROUTES = {  # every stock route that builds an engine request, with a minimal valid body
     "/v1/completions": {"model": "tiny", "prompt": "x", "max_tokens": 1},
     "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
     "/v1/responses": {"model": "tiny", "input": "x", "max_output_tokens": 1},
     "/v1/messages": {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]},
-    "/invocations": {"prompt": "x", "max_tokens": 1},  # SageMaker: outside --api-key's prefixes
+    "/invocations": {"prompt": "x", "max_tokens": 1},  # SageMaker: outside vLLM's --api-key prefixes, ours too
     "/inference/v1/generate": {"model": "tiny", "token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 1}},
 }
 
@@ -153,14 +386,14 @@ def forged_fields(victim) -> list[tuple[str, dict]]:
 
 def test_forged_transfer_params_refused_on_every_engine_route(server, victim):
     """Every stock route that reaches the engine, with and without the API key: 400 from the trust boundary
-    (or 401 from --api-key first where it guards the path), never the engine's 500."""
+    (401 without the key, before the body is read), never the engine's 500."""
     sent = 0
     for key, extra in forged_fields(victim):
         for path, body in ENGINE_ROUTES.items():
             for headers in ({}, AUTH):
                 r = requests.post(f"{server.url}{path}", json={**body, **extra}, headers=headers, timeout=60)
                 sent += 1
-                expected = 401 if not headers and path.startswith(GUARDED) else 400
+                expected = 401 if not headers else 400
                 assert r.status_code == expected, (path, extra, r.text)
                 if expected == 400:
                     assert r.json()["error"] == {
@@ -181,14 +414,14 @@ def test_forged_transfer_params_refused_however_encoded(server, victim):
     for body in bodies:
         for data in (body.encode(), body.encode("utf-16")):
             r = requests.post(f"{server.url}/invocations", data=data, timeout=60,
-                              headers={"Content-Type": "application/json"})
+                              headers={**AUTH, "Content-Type": "application/json"})
             assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params", (body, r.text)
     r = requests.post(f"{server.url}/v1/chat/completions", headers=victim.headers, timeout=60, json={
         "model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1,
         "session_id": victim.id, "kv_transfer_params": json.loads(livevlm)})
     assert r.status_code == 400 and r.json()["error"]["param"] == "kv_transfer_params", r.text
     # A prompt that merely mentions the field is an ordinary request.
-    r = requests.post(f"{server.url}/invocations", timeout=120, json={
+    r = requests.post(f"{server.url}/invocations", timeout=120, headers=AUTH, json={
         "prompt": "what are kv_transfer_params?", "max_tokens": 1})
     assert r.status_code == 200, r.text
     assert_alive(server)
@@ -537,8 +770,8 @@ def sse_errors(text: str) -> list[dict]:
 def test_fuzz_every_route_with_engine_fields(server, victim):
     """Valid bodies of every POST route (and our stream routes' other methods) mixed with reserved,
     engine-mapped and junk fields, engine-mapped headers, other encodings, with and without the API key: a
-    JSON body holding a reserved key anywhere is refused by the boundary (400, or --api-key's 401 first where
-    it guards the path), nothing answers a 5xx (streamed error events included), and the engine, a stock
+    JSON body holding a reserved key anywhere is refused by the boundary (400, or the key check's 401 first),
+    nothing answers a 5xx (streamed error events included), and the engine, a stock
     completion and the victim (stats and greedy answer) are as before."""
     import urllib.parse
 
@@ -547,7 +780,7 @@ def test_fuzz_every_route_with_engine_fields(server, victim):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    paths = requests.get(f"{server.url}/openapi.json", timeout=30).json()["paths"]
+    paths = requests.get(f"{server.url}/openapi.json", headers=AUTH, timeout=30).json()["paths"]
     assert {p for p, item in paths.items() if "post" in item} <= set(ROUTE_BODIES) | set(NOT_FUZZED)
     encodings = {"json": lambda b: json.dumps(b).encode(), "utf-16": lambda b: json.dumps(b).encode("utf-16"),
                  "escaped": lambda b: json.dumps(b).replace("_", "\\u005f").encode(),
@@ -590,7 +823,7 @@ def test_fuzz_every_route_with_engine_fields(server, victim):
             assert r.status_code < 500 and all(e.get("code", 0) < 500 for e in sse_errors(r.text)), case
         reserved = keys_in(body, RESERVED_KEYS) if raw is None and encoding != "form" else set()
         if reserved and route != FRAMES_ROUTE:
-            if not keyed and path.startswith(GUARDED):
+            if not keyed:
                 assert r.status_code == 401, case
             else:
                 assert r.status_code == 400 and r.json()["error"]["param"] in reserved, case

@@ -10,6 +10,12 @@ middleware refuses (400) any JSON body that holds one of `RESERVED_KEYS` as an o
 whether or not the caller is authenticated. Requests minted by our own front end never cross HTTP: they
 reach the engine signed (`vllm_livevlm.connector.params`).
 
+Stock routes carry no media either: vLLM decodes (and fetches, for a URL) a chat message's image, video
+and audio parts itself, before and outside our upload checks, so a JSON body holding a media part
+(`MEDIA_KEYS`, or a `"type"` in `MEDIA_TYPES`) is refused (400) on every route but our own `/v1/video/...`
+routes: video goes through `/v1/video/streams`. A body nesting deeper than `max_json_depth` is refused
+(400) too: vLLM's parsers would raise `RecursionError` (500).
+
 Reusable: `TrustBoundary(app, max_body_bytes)` wraps any ASGI app (the Ray router mounts it too).
 """
 
@@ -18,7 +24,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from vllm_livevlm.serving.errors import error_response
 
@@ -31,43 +39,94 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # What vLLM moves from a request body into the engine request (`vllm.v1.request.Request` reads these keys
 # of `extra_args`; the OpenAI protocols copy the two transfer fields there).
 RESERVED_KEYS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode"})
+# Media content parts vLLM decodes itself (`vllm/renderers/chat_utils.py` MM_PARSER_MAP and its untyped
+# parts, the Anthropic/Cohere/Responses blocks, `/inference/v1/generate`'s `content_parts`/`features`,
+# `/v1/systemone`'s `images`/`videos`): refused as object keys at any depth, and as `"type"` values.
+MEDIA_KEYS = frozenset({"image_url", "image_pil", "image_embeds", "input_image", "audio_url", "audio_embeds",
+                        "input_audio", "video_url", "video_embeds", "input_video", "multi_modal_data",
+                        "multi_modal_uuids", "mm_embeds", "mm_features", "features", "content_parts",
+                        "images", "videos"})
+MEDIA_TYPES = frozenset({*MEDIA_KEYS, "image", "audio", "video", "document", "file", "input_file"})
 # Frame uploads: the one large body, handled by our own route, which never forwards client fields.
 EXEMPT_PATH = re.compile(r"^/v1/video/streams/[^/]+/frames$")
+OUR_ROUTES = "/v1/video/"  # read no media part: nothing in their bodies reaches vLLM's media decoding
+MAX_JSON_DEPTH = 128
+_NAMES = tuple(name.encode() for name in RESERVED_KEYS | MEDIA_TYPES)
+_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*"', re.S)  # runs of plain bytes: one regex step each
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
-class ReservedField(ValueError):
-    """The body holds a field that only the server may set."""
+class Refusal(NamedTuple):
+    """Why a body is refused (400): the message and the field it names."""
+
+    message: str
+    param: str
 
 
-def reserved_key_in(body: bytes) -> str | None:
-    """The first reserved key the body holds as a JSON object key (any depth), else None.
+def json_depth(body: bytes) -> int:
+    """How deep a UTF-8 JSON text nests (brackets outside strings), in C-speed passes (regex, translate,
+    numpy) so that an 8 MiB body costs milliseconds, never a Python loop or the parser's recursion."""
+    brackets = np.frombuffer(_STRING.sub(b"", body).translate(None, _NOT_BRACKETS), np.uint8)
+    if brackets.size == 0:
+        return 0
+    return int(np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max(initial=0))
 
-    Cheap for ordinary requests: in UTF-8 JSON without `\\u` escapes a key can only be spelled literally,
-    so a body that does not contain any reserved name is not parsed. Anything else is parsed exactly as
-    the handlers parse it (`json.loads`, which also reads UTF-16/32), every duplicate key included."""
-    utf8 = json.detect_encoding(body) == "utf-8"
-    if utf8 and b"\\u" not in body and not any(key.encode() in body for key in RESERVED_KEYS):
+
+def refusal_of(body: bytes, media: bool = True, max_depth: int = MAX_JSON_DEPTH) -> Refusal | None:
+    """Why the JSON body is refused, else None: a reserved key (any depth) first, then (with `media`) a
+    media part, then nesting past `max_depth`.
+
+    Cheap for ordinary requests: in JSON without `\\u` escapes a key or type can only be spelled
+    literally, so a body that contains none of the names is only measured for depth, not parsed. Anything
+    else is parsed exactly as the handlers parse it (`json.loads`), every duplicate key included."""
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":  # UTF-16/32, as `json.loads` reads them: measured and searched as UTF-8
+        try:
+            body = body.decode(encoding, "surrogatepass").encode("utf-8", "surrogatepass")
+        except UnicodeError:
+            return None  # no JSON handler reads it either
+    if (body.lstrip()[:1] in (b"[", b"{") and body.count(b"[") + body.count(b"{") > max_depth
+            and json_depth(body) > max_depth):
+        return _too_deep(max_depth)
+    if b"\\u" not in body and not any(name in body for name in _NAMES):
         return None
-    found: list[str] = []
+    reserved: list[str] = []
+    parts: list[str] = []
 
     def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        found.extend(key for key, _ in pairs if key in RESERVED_KEYS)
+        for key, value in pairs:
+            if key in RESERVED_KEYS:
+                reserved.append(key)
+            elif key in MEDIA_KEYS or (key == "type" and isinstance(value, str) and value in MEDIA_TYPES):
+                parts.append(value if key == "type" else key)
         return dict(pairs)
 
     try:
         json.loads(body, object_pairs_hook=check)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        return _too_deep(max_depth)
+    except ValueError:
         return None  # not JSON: no handler that reads JSON accepts it either
-    return found[0] if found else None
+    if reserved:
+        return Refusal(f"`{reserved[0]}` is set by the server only; clients may not send it", reserved[0])
+    if parts and media:
+        return Refusal(f"media content (`{parts[0]}`) is not accepted on this route: send images and video to "
+                       "a stream (POST /v1/video/streams, then .../frames); questions are text", parts[0])
+    return None
+
+
+def _too_deep(max_depth: int) -> Refusal:
+    return Refusal(f"the JSON body nests deeper than {max_depth} levels (max_json_depth)", "body")
 
 
 class TrustBoundary:
-    """ASGI middleware: bodies are read with a byte cap (413 past it), checked (`reserved_key_in`, 400),
+    """ASGI middleware: bodies are read with a byte cap (413 past it), checked (`refusal_of`, 400),
     and handed on unchanged. Websockets and frame uploads pass through untouched."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_json_depth: int = MAX_JSON_DEPTH):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_json_depth = max_json_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or EXEMPT_PATH.match(scope.get("path", "")):
@@ -94,10 +153,10 @@ class TrustBoundary:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        key = reserved_key_in(body) if body else None
-        if key is not None:
-            await self._refuse(400, f"`{key}` is set by the server only; clients may not send it", scope,
-                               receive, send, key)
+        refusal = refusal_of(body, not scope.get("path", "").startswith(OUR_ROUTES), self.max_json_depth) \
+            if body else None
+        if refusal is not None:
+            await self._refuse(400, refusal.message, scope, receive, send, refusal.param)
             return
         replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 

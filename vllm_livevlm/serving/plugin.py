@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from vllm_livevlm.memory.budget import ModelShape
 from vllm_livevlm.serving import redact, routes
+from vllm_livevlm.serving.access import APIKeyGate
 from vllm_livevlm.serving.boundary import TrustBoundary
 from vllm_livevlm.serving.media import FrameDecoder
 from vllm_livevlm.serving.service import ServerLimits, StreamService, config_from_env
@@ -25,14 +26,20 @@ class LiveVLMEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         args = app.state.args
-        redact.install([*(args.api_key or []), os.environ.get("VLLM_API_KEY", "")])
+        keys = [key for key in (args.api_key or [os.environ.get("VLLM_API_KEY", "")]) if key]  # as vLLM reads them
+        redact.install([*keys, os.environ.get("VLLM_API_KEY", "")])
         # vLLM adds its `--api-key` middleware after the plugins; `--middleware` ones are added last, outermost,
-        # so the browser's websocket credentials are in the headers before the key is checked.
+        # so the browser's websocket credentials are in the headers before any key is checked.
         if SOCKET_AUTH not in args.middleware:
             args.middleware.append(SOCKET_AUTH)
+        limits = ServerLimits.from_env()
         # Around every route, inside vLLM's own middleware (CORS, --api-key): no handler sees a client's
-        # engine transfer fields, with or without the key (`/invocations` is outside --api-key's prefixes).
-        app.add_middleware(TrustBoundary, max_body_bytes=ServerLimits.from_env().max_upload_bytes)
+        # engine transfer fields or media parts, with or without the key.
+        app.add_middleware(TrustBoundary, max_body_bytes=limits.max_request_body_bytes,
+                           max_json_depth=limits.max_json_depth)
+        # Outside the boundary (added later = outer): every route but the open probes needs the key before its
+        # body is read (vLLM's check covers /v1, /v2, /inference, /cohere only); engine control is not served.
+        app.add_middleware(APIKeyGate, keys=keys)
         routes.attach(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:

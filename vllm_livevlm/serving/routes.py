@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 from vllm_livevlm.serving import media, upload
 from vllm_livevlm.log import get_logger
 from vllm_livevlm.serving.errors import APIError, error_body, error_response
-from vllm_livevlm.serving.service import StreamService
+from vllm_livevlm.serving.service import ServerLimits, StreamService
 from vllm_livevlm.serving.socket_auth import SUBPROTOCOL
 from vllm_livevlm.streams import Answer, LiveStream, StreamClosed
 
@@ -214,7 +215,7 @@ async def chat_completions(raw_request: Request):
         svc = service(raw_request)
         stream = svc.get(stream_id, stream_token(raw_request))
         question = _question(request)
-        sampling = _sampling_params(request)
+        sampling = _sampling_params(request, svc.limits)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
             return StreamingResponse(_sse(svc, stream, question, sampling, completion_id, request),
@@ -276,16 +277,40 @@ def _question(request) -> str:
     return content
 
 
-def _sampling_params(request):
-    from vllm import SamplingParams
-
+def _sampling_params(request, limits: ServerLimits):
+    """A chat request's sampling for a stream's answer (vLLM's model has typed the fields; the values are
+    checked by `_answer_sampling`)."""
     if (request.n or 1) != 1:
         raise APIError(400, "a stream answers with n=1 only", "n")
-    max_tokens = request.max_completion_tokens or request.max_tokens or 256
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
-        stop=request.stop or None, ignore_eos=bool(getattr(request, "ignore_eos", False)))
+    budget = next((b for b in (request.max_completion_tokens, request.max_tokens) if b is not None),
+                  min(256, limits.max_answer_tokens))
+    return _answer_sampling(limits, budget, 1.0 if request.temperature is None else request.temperature,
+                            top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
+                            stop=request.stop or None, ignore_eos=getattr(request, "ignore_eos", False))
+
+
+def _answer_sampling(limits: ServerLimits, max_tokens: Any, temperature: Any, top_p: Any = 1.0,
+                     seed: int | None = None, stop: str | list[str] | None = None, ignore_eos: Any = False):
+    """Sampling parameters for a question, every client value checked first (400 naming the field), so
+    that nothing a client sends reaches `SamplingParams` (or the engine) as an overflow, a NaN or a budget
+    past `max_answer_tokens`."""
+    from vllm import SamplingParams
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) \
+            or not 1 <= max_tokens <= limits.max_answer_tokens:
+        raise APIError(400, f"max_tokens must be an integer from 1 to {limits.max_answer_tokens} "
+                            "(max_answer_tokens)", "max_tokens")
+    if not number(temperature) or temperature < 0:
+        raise APIError(400, "temperature must be a finite number >= 0", "temperature")
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise APIError(400, "top_p must be a number in (0, 1]", "top_p")
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, "ignore_eos must be true or false", "ignore_eos")
+    return SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
+                          stop=stop, ignore_eos=ignore_eos)
 
 
 def _usage(answer: Answer) -> dict[str, Any]:
@@ -406,7 +431,7 @@ async def _serve_socket(websocket: WebSocket, svc: StreamService, stream: LiveSt
                     await send({"type": "frames.accepted", "pending_frames": stream.pending_frames,
                                 "frames_dropped": dropped, "clips_encoded": stream.clips_encoded})
                     continue
-                question, sampling = _socket_question(message.get("text"))
+                question, sampling = _socket_question(message.get("text"), svc.limits)
                 if answering is not None and not answering.done():
                     raise APIError(429, "this socket is answering a question: send the next one after its "
                                         "answer.done (or open another socket)", "question")
@@ -419,17 +444,20 @@ async def _serve_socket(websocket: WebSocket, svc: StreamService, stream: LiveSt
             await asyncio.gather(answering, return_exceptions=True)
 
 
-def _socket_question(text: str | None) -> tuple[str, Any]:
-    """A question message ⇒ (question, sampling parameters); 400 for anything else."""
-    from vllm import SamplingParams
-
-    request = json.loads(text or "{}")
+def _socket_question(text: str | None, limits: ServerLimits) -> tuple[str, Any]:
+    """A question message ⇒ (question, sampling parameters); 400 for anything else (junk, JSON nested past
+    the parser's recursion, values of the wrong type or range), never a 500."""
+    try:
+        request = json.loads(text or "{}")
+    except (ValueError, RecursionError):
+        raise APIError(400, "text messages must be JSON objects", "type") from None
     if not isinstance(request, dict) or request.get("type") != "question":
         raise APIError(400, "text messages must be {\"type\": \"question\", \"question\": ...}", "type")
-    sampling = SamplingParams(max_tokens=int(request.get("max_tokens", 64)),
-                              temperature=float(request.get("temperature", 0.0)),
-                              ignore_eos=bool(request.get("ignore_eos", False)))
-    return str(request.get("question", "")), sampling
+    question = request.get("question")
+    if not isinstance(question, str):
+        raise APIError(400, "question must be a string", "question")
+    return question, _answer_sampling(limits, request.get("max_tokens", min(64, limits.max_answer_tokens)),
+                                      request.get("temperature", 0.0), ignore_eos=request.get("ignore_eos", False))
 
 
 async def _answer_on_socket(send: Callable[[dict[str, Any]], Awaitable[None]],

@@ -44,6 +44,9 @@ class ServerLimits:
     max_total_store_bytes: int = 16 * GiB    # all reservations together (`StreamService.store_reserve_bytes`)
     max_frames_per_request: int = 256
     max_upload_bytes: int = 64 * 1024 * 1024
+    max_request_body_bytes: int = 8 * 1024 * 1024  # any other body, which the trust boundary reads first
+    max_json_depth: int = 128                # nesting of a JSON body (vLLM's parsers would recurse past it)
+    max_answer_tokens: int = 4096            # `max_tokens` of a question to a stream
     max_frame_side: int = 4096               # pixels, width and height
     max_frame_pixels: int = 4096 * 2160      # width x height, read from the header before decoding
     decode_workers: int = 2                  # threads decoding uploads (off the event loop)
