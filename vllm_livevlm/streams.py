@@ -9,6 +9,7 @@ on the event loop that owns the engine client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import secrets
@@ -39,6 +40,9 @@ class StreamClosed(RuntimeError):
 
 class StreamFailed(RuntimeError):
     """The engine failed a request of the stream: its memory can no longer be served consistently."""
+
+
+MAX_REASKS = 3  # a question whose memory changed size before it ran is asked again at most this often
 
 
 class QuestionRaced(RuntimeError):
@@ -175,10 +179,20 @@ class StreamEngine:
         sampling_params.extra_args = extra
         output = None
         report: dict[str, Any] = {}
+        # A request's first output comes from the step that placed its context; if that step failed it (its
+        # slots zeroed, e.g. a question whose memory changed size), it is stopped there, before any of its
+        # text reaches the caller. One-token requests (sinks, clips) stream nothing.
+        checked = sampling_params.max_tokens == 1
         try:
-            async for output in self.engine.generate(prompt, sampling_params, request_id=request_id):
-                if on_output is not None:
-                    on_output(output)
+            async with contextlib.aclosing(self.engine.generate(prompt, sampling_params,
+                                                                request_id=request_id)) as outputs:
+                async for output in outputs:
+                    if not checked:
+                        checked = True
+                        if await self.rpc("livevlm_failed", request_id):
+                            break  # closing the generator aborts the request in the engine
+                    if on_output is not None:
+                        on_output(output)
         finally:
             report = (await self.rpc("livevlm_release", [request_id])).get(request_id, {})
         if report.get("reask"):
@@ -314,7 +328,7 @@ class LiveStream:
                 on_delta(completion.text[sent:])
                 sent = len(completion.text)
 
-        reasked = False
+        reasks = 0
         while True:
             req_id = f"lv-question-{self.id}-{uuid.uuid4().hex[:12]}"
             try:
@@ -328,12 +342,15 @@ class LiveStream:
                 output, report = await self.engine.submit(prompt, sampling, req_id, params, on_output)
                 break
             except QuestionRaced as e:
-                # Asked again once, and only if nothing of the failed attempt reached the caller.
-                if reasked or sent:
+                # Asked again (at most MAX_REASKS times, and only if nothing of the failed attempt reached the
+                # caller) once the clip in flight, whose commit changed the memory's size, has landed.
+                if reasks == MAX_REASKS or sent:
                     self._raise_if_closed(e)
                     raise
-                reasked, first_token_at = True, None
+                reasks, first_token_at = reasks + 1, None
                 logger.info("stream %s: %s; asking again", self.id, e)
+                async with self._clip_lock:
+                    pass
             except Exception as e:
                 self._raise_if_closed(e)
                 raise
@@ -351,7 +368,7 @@ class LiveStream:
             retrieved_page_indices={int(layer): list(p) for layer, p in report.get("page_indices", {}).items()},
             timings={"flush": flushed - start, "ttft": (first_token_at or end) - flushed, "total": end - start,
                      "retrieval": report.get("seconds", 0.0)},
-            repinned_version=report.get("repinned_version"), reasked=reasked)
+            repinned_version=report.get("repinned_version"), reasked=reasks > 0)
 
     # ---- state --------------------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:

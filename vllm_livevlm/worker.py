@@ -52,6 +52,10 @@ class LiveVLMWorkerExtension:
         store.release(req_ids)
         return reports
 
+    def livevlm_failed(self, req_id: str) -> bool:
+        """Whether a request in flight was failed (its output must not reach anyone); nothing is consumed."""
+        return _store().has_failed(req_id)
+
     def livevlm_close_stream(self, stream_id: str) -> int:
         return _store().close(stream_id)
 

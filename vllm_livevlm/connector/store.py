@@ -205,6 +205,14 @@ class SessionStore:
         with self._lock:
             return {r: self._retrieval_reports.pop(r) for r in req_ids if r in self._retrieval_reports}
 
+    def has_failed(self, req_id: str) -> bool:
+        """Whether the request, or the stream of a request not yet released, failed (see `take_failure`)."""
+        with self._lock:
+            if req_id in self._request_failures:
+                return True
+        stream = self._streams.get(self._req_stream.get(req_id, ""))
+        return stream is not None and stream.failure is not None
+
     def take_failure(self, req_id: str) -> tuple[str, bool] | None:
         """Why a request failed and whether it is to be re-asked (reported once: the front end asks as it
         releases the request; the engine's own release of a finished request may come first), or why the
