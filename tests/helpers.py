@@ -173,3 +173,20 @@ def ask_together(lv, streams, tokens: int, pause: bool = False) -> list[tuple[ob
     # Question request ids name their stream (`lv-question-<stream id>-...`): metrics in the streams' order.
     return [(answer, next(m for r, m in metrics.items() if r.startswith(f"lv-question-{s.id}-")))
             for answer, s in zip(answers, streams)]
+
+
+def preempting_engine(model_dir: str, config: dict, dtype: str, prompt_tokens: int, block: int) -> Iterator:
+    """A `LiveVLM` engine whose KV pool holds two questions' prompts plus one block, so two questions run
+    together and the first to need another block preempts the other. `.prompt` is the question prompt's
+    length, `.decode` the answer length that makes every question need one more block."""
+    import math
+
+    from vllm_livevlm import LiveVLM
+
+    blocks = 2 * math.ceil(prompt_tokens / block) + 1
+    engine = LiveVLM(model_dir, config, dtype=dtype, block_size=block, num_gpu_blocks_override=blocks,
+                     max_model_len=(blocks - 1) * block)
+    engine.prompt = prompt_tokens
+    engine.decode = -prompt_tokens % block + 8
+    yield engine
+    engine.shutdown()

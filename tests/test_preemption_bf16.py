@@ -4,11 +4,10 @@ teacher-forced on the bf16 answer) on the top-1 token for most positions."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
-from helpers import QUESTION, ask_together, greedy, random_video
+from helpers import QUESTION, ask_together, greedy, preempting_engine, random_video
 from reference.livevlm_reference import ReferenceLiveVLM
 from vllm_livevlm.config import LiveVLMConfig
 
@@ -39,16 +38,7 @@ def gqa_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def lv(gqa_model_dir):
-    from vllm_livevlm import LiveVLM
-
-    # Two questions' prompts plus one block: two run, and the first to need another block preempts the other.
-    blocks = 2 * math.ceil(_question_tokens(gqa_model_dir) / BLOCK) + 1
-    engine = LiveVLM(gqa_model_dir, LOSSLESS, dtype="bfloat16", block_size=BLOCK, num_gpu_blocks_override=blocks,
-                     max_model_len=(blocks - 1) * BLOCK)
-    engine.expected_prompt = _question_tokens(gqa_model_dir)
-    engine.decode = -engine.expected_prompt % BLOCK + 8  # enough for every question to need one more block
-    yield engine
-    engine.shutdown()
+    yield from preempting_engine(gqa_model_dir, LOSSLESS, "bfloat16", _question_tokens(gqa_model_dir), BLOCK)
 
 
 def test_preempted_questions_answer_as_when_run_alone(lv):
@@ -71,7 +61,7 @@ def test_bf16_agrees_with_fp32_on_top1(lv, gqa_model_dir):
         stream = lv.open_stream()
         stream.append(video)
         answer = stream.ask(QUESTION, greedy(16))
-        assert answer.prompt_tokens == lv.expected_prompt
+        assert answer.prompt_tokens == lv.prompt
         stream.close()
         ref = ReferenceLiveVLM(gqa_model_dir, LiveVLMConfig.coerce(LOSSLESS).to_dict())
         ref.open()

@@ -5,11 +5,10 @@ that two questions cannot decode together, and retrieval reading half the pages 
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
-from helpers import QUESTION, ask_together, greedy, random_video
+from helpers import QUESTION, ask_together, greedy, preempting_engine, random_video
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +31,7 @@ def _steady_prompt(model_dir: str) -> int:
 
 @pytest.fixture(scope="module")
 def lv(tiny_model_dir):
-    from vllm_livevlm import LiveVLM
-
-    # Two questions' prompts plus one block: the first to need another block preempts the other.
-    prompt = _steady_prompt(tiny_model_dir)
-    blocks = 2 * math.ceil(prompt / BLOCK) + 1
-    engine = LiveVLM(tiny_model_dir, CONFIG, dtype="float32", block_size=BLOCK, num_gpu_blocks_override=blocks,
-                     max_model_len=(blocks - 1) * BLOCK)
-    engine.prompt = prompt
-    engine.decode = -prompt % BLOCK + 8  # every question needs one more block while it decodes
-    yield engine
-    engine.shutdown()
+    yield from preempting_engine(tiny_model_dir, CONFIG, "float32", _steady_prompt(tiny_model_dir), BLOCK)
 
 
 def test_a_preempted_question_repins_and_answers_as_when_run_alone(lv):

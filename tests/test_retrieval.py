@@ -23,19 +23,10 @@ def lv(tiny_model_dir):
     yield from live_engine(tiny_model_dir, CONFIG)
 
 
-def _reference_run(model_dir: str, config: dict, video: np.ndarray, tokens: int) -> ReferenceLiveVLM:
-    ref = ReferenceLiveVLM(model_dir, config)
-    ref.open()
-    for start in range(0, len(video), config["clip_frames"]):
-        ref.append_clip(video[start:start + config["clip_frames"]])
-    ref.answer = ref.ask(QUESTION, tokens)
-    return ref
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_plugin_agrees_with_reference(lv, tiny_model_dir, seed):
     video = np.random.default_rng(seed).integers(0, 256, size=(48, 32, 32, 3), dtype=np.uint8)
-    ref = _reference_run(tiny_model_dir, CONFIG, video, 16)
+    ref = ReferenceLiveVLM.answering(tiny_model_dir, CONFIG, video, QUESTION, 16)
     stream = lv.open_stream()
     stream.append(video)
     answer = stream.ask(QUESTION, greedy(16))
@@ -59,7 +50,7 @@ def test_retrieve_ratio_one_reads_every_page_like_the_previous_issue(lv, tiny_mo
     """retrieve_ratio=1.0 places every long-term page in order: the answer is the all-pages answer."""
     config = dict(CONFIG, retrieve_ratio=1.0)
     video = np.random.default_rng(5).integers(0, 256, size=(32, 32, 32, 3), dtype=np.uint8)
-    ref = _reference_run(tiny_model_dir, config, video, 16)
+    ref = ReferenceLiveVLM.answering(tiny_model_dir, config, video, QUESTION, 16)
     stream = lv.open_stream({"retrieve_ratio": 1.0})
     stream.append(video)
     answer = stream.ask(QUESTION, greedy(16))

@@ -54,15 +54,6 @@ def _vanilla_answer(lv, clips: list[np.ndarray], tokens: int = 16) -> list[int]:
     return lv._run(run())
 
 
-def _reference(model_dir: str, config: dict, video: np.ndarray, tokens: int = 16) -> ReferenceLiveVLM:
-    ref = ReferenceLiveVLM(model_dir, config)
-    ref.open()
-    for start in range(0, len(video), config["clip_frames"]):
-        ref.append_clip(video[start:start + config["clip_frames"]])
-    ref.answer = ref.ask(QUESTION, tokens)
-    return ref
-
-
 def test_checkpoint_has_grouped_query_attention(gqa_model_dir):
     import json
     import os
@@ -95,7 +86,7 @@ def test_gqa_agrees_with_reference(lv, gqa_model_dir, encode_context, per_head):
     overrides = {"encode_context": encode_context, "per_head_selection": per_head}
     config = dict(CONFIG, **overrides)
     video = np.random.default_rng(3).integers(0, 256, size=(24, 32, 32, 3), dtype=np.uint8)
-    ref = _reference(gqa_model_dir, config, video)
+    ref = ReferenceLiveVLM.answering(gqa_model_dir, config, video, QUESTION, 16)
     stream = lv.open_stream(overrides)
     stream.append(video)
     answer = stream.ask(QUESTION, greedy(16))

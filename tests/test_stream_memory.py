@@ -230,15 +230,21 @@ def test_a_sinks_prefix_prefilled_in_several_steps_is_kept_whole(lv, vanilla):
     stream.close()
 
 
+def _undisturbed_answer(lv, config: dict, video) -> list[int]:
+    """The greedy answer of a stream that ingested `video` without interference (the control)."""
+    undisturbed = lv.open_stream(config)
+    undisturbed.append(video)
+    expected = undisturbed.ask(QUESTION, greedy(8)).token_ids
+    undisturbed.close()
+    return expected
+
+
 def test_a_clip_aborted_by_the_engine_is_encoded_again_and_answers_do_not_change(lv):
     """An engine abort of a clip request (an operator's abort, a dying client) leaves the stream consistent:
     the clip's frames are queued again, nothing half-committed, the answer equals an undisturbed stream's."""
     config = {"clip_frames": 4, "long_term_budget_tokens": 256, "page_tokens": 16}
     video = random_video(11, 8)
-    undisturbed = lv.open_stream(config)
-    undisturbed.append(video)
-    expected = undisturbed.ask(QUESTION, greedy(8)).token_ids
-    undisturbed.close()
+    expected = _undisturbed_answer(lv, config, video)
 
     stream = lv.open_stream(config)
     stream.append(video[:4])
@@ -283,10 +289,7 @@ def test_the_flush_clip_of_a_cancelled_question_is_queued_again(lv):
     frames go back to the head of the queue and the next answer equals an undisturbed stream's."""
     config = {"clip_frames": 4, "long_term_budget_tokens": 256, "page_tokens": 16}
     video = random_video(17, 6)
-    undisturbed = lv.open_stream(config)
-    undisturbed.append(video)
-    expected = undisturbed.ask(QUESTION, greedy(8)).token_ids
-    undisturbed.close()
+    expected = _undisturbed_answer(lv, config, video)
 
     stream = lv.open_stream(config)
     stream.append(video[:4])

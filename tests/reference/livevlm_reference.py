@@ -97,6 +97,18 @@ class ReferenceLiveVLM:
         self.tokens_seen = 0
         self.frames_seen = 0
         self.retrieved: dict[int, list[int]] = {}
+        self.answer: list[int] = []
+
+    @classmethod
+    def answering(cls, model_dir: str, config: dict, video: np.ndarray, question: str,
+                  tokens: int) -> "ReferenceLiveVLM":
+        """A reference stream that ingested `video` clip by clip and answered `question` (`.answer`)."""
+        ref = cls(model_dir, config)
+        ref.open()
+        for start in range(0, len(video), config["clip_frames"]):
+            ref.append_clip(video[start:start + config["clip_frames"]])
+        ref.answer = ref.ask(question, tokens)
+        return ref
 
     # ---- pieces of the transformer, written out ----------------------------------------------------------
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
