@@ -130,8 +130,8 @@ def engine_fields(stream_id: str) -> st.SearchStrategy[dict[str, Any]]:
         **{key: budgets for key in TOKEN_LIMITS},
         **{key: small_ints for key in ("n", "best_of", "logprobs", "top_logprobs",
                                        "prompt_logprobs", "min_tokens", "truncate_prompt_tokens")},
-        # Not past 2**64: vLLM does not bound top_k, msgpack cannot carry it to the engine, 500 (reported).
-        "top_k": st.sampled_from([-2, -1, 0, 1, 10**6, 2**64 - 1, "1", None]),
+        # Past 64 bits vLLM 0.32 answers 500 (msgpack cannot carry it to the engine): the boundary refuses it.
+        "top_k": st.sampled_from([-2, -1, 0, 1, 10**6, 2**63 - 1, 2**63, 2**64, -2**70, "1", None]),
         **{key: st.floats() | junk for key in ("temperature", "top_p", "min_p", "repetition_penalty",
                                                "presence_penalty", "frequency_penalty")},
         **{key: st.booleans() | junk for key in ("echo", "use_beam_search", "ignore_eos", "add_special_tokens",
@@ -147,10 +147,10 @@ def engine_fields(stream_id: str) -> st.SearchStrategy[dict[str, Any]]:
         "chat_template_kwargs": st.fixed_dictionaries({}, optional={"enable_thinking": junk, "tools": junk}) | junk,
         "chat_template": st.sampled_from(["{{ range(10**9) | list }}", "{% for m in messages %}x{% endfor %}"]),
         "logits_processors": st.sampled_from([["os.system"], ["builtins:exit"], [{"qualname": "os.system"}]]) | junk,
-        # Objects or null only: anything else answers 500 in vLLM's CompletionRequest validator (reported).
+        # Anything but an object or null answers 500 in vLLM 0.32's validator: the boundary refuses it.
         "structured_outputs": st.sampled_from([{"regex": "(a+)+$"}, {"json": {"type": "object"}}, {"choice": []},
                                               {"grammar": "root ::= x"}, None])
-        | st.dictionaries(st.sampled_from(["json", "regex", "choice", "grammar", "x"]), junk, max_size=2),
+        | st.dictionaries(st.sampled_from(["json", "regex", "choice", "grammar", "x"]), junk, max_size=2) | junk,
         "response_format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema"}, {"type": "x"}]) | junk,
         "prompt_embeds": st.sampled_from(["", base64.b64encode(b"PK\x03\x04" + bytes(32)).decode()]) | junk,
         "stream": st.booleans(), "stream_options": junk,

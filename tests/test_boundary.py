@@ -186,3 +186,15 @@ def test_engine_control_routes_not_served(gated):
     open_app = TestClient(APIKeyGate(Counting(), keys=[]))  # no key configured: still not served
     assert open_app.post("/scale_elastic_ep", json={}).status_code == 404
     assert open_app.post("/invocations", json={}).status_code == 200
+
+
+def test_sampling_values_vllm_cannot_serve_refused():
+    """vLLM 0.32 answers 500 for a `top_k` past 64 bits and for `structured_outputs` that is not an object."""
+    for body, param in (({"top_k": 2**64}, "top_k"), ({"top_k": -2**63 - 1}, "top_k"),
+                        ({"n": 1, "structured_outputs": ["x"]}, "structured_outputs"),
+                        ({"structured_outputs": "regex"}, "structured_outputs")):
+        refusal = refusal_of(json.dumps(body).encode())
+        assert refusal is not None and refusal.param == param, body
+    for body in ({"top_k": 2**63 - 1}, {"top_k": -1}, {"structured_outputs": {"regex": "a"}},
+                 {"structured_outputs": None}, {"response_format": {"json_schema": {"properties": {"top_k": {}}}}}):
+        assert refusal_of(json.dumps(body).encode()) is None, body

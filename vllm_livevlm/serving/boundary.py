@@ -51,7 +51,10 @@ MEDIA_TYPES = frozenset({*MEDIA_KEYS, "image", "audio", "video", "document", "fi
 EXEMPT_PATH = re.compile(r"^/v1/video/streams/[^/]+/frames$")
 OUR_ROUTES = "/v1/video/"  # read no media part: nothing in their bodies reaches vLLM's media decoding
 MAX_JSON_DEPTH = 128
-_NAMES = tuple(name.encode() for name in RESERVED_KEYS | MEDIA_TYPES)
+# Sampling values vLLM 0.32 accepts but cannot serve (500 instead of 400): a `top_k` past 64 bits (msgpack
+# cannot carry it to the engine) and `structured_outputs` that is not an object. Refused here, named.
+INT64 = 2**63 - 1
+_NAMES = tuple(name.encode() for name in RESERVED_KEYS | MEDIA_TYPES | {"top_k", "structured_outputs"})
 _STRING = re.compile(rb'"(?:[^"\\]+|\\.)*"', re.S)  # runs of plain bytes: one regex step each
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
@@ -92,6 +95,7 @@ def refusal_of(body: bytes, media: bool = True, max_depth: int = MAX_JSON_DEPTH)
         return None
     reserved: list[str] = []
     parts: list[str] = []
+    unservable: list[str] = []
 
     def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         for key, value in pairs:
@@ -99,6 +103,9 @@ def refusal_of(body: bytes, media: bool = True, max_depth: int = MAX_JSON_DEPTH)
                 reserved.append(key)
             elif key in MEDIA_KEYS or (key == "type" and isinstance(value, str) and value in MEDIA_TYPES):
                 parts.append(value if key == "type" else key)
+            elif ((key == "top_k" and isinstance(value, int) and not -INT64 <= value <= INT64)
+                  or (key == "structured_outputs" and value is not None and not isinstance(value, dict))):
+                unservable.append(key)
         return dict(pairs)
 
     try:
@@ -109,6 +116,9 @@ def refusal_of(body: bytes, media: bool = True, max_depth: int = MAX_JSON_DEPTH)
         return None  # not JSON: no handler that reads JSON accepts it either
     if reserved:
         return Refusal(f"`{reserved[0]}` is set by the server only; clients may not send it", reserved[0])
+    if unservable:
+        return Refusal(f"`{unservable[0]}` must be " + ("an integer within 64 bits" if unservable[0] == "top_k"
+                                                        else "an object or null"), unservable[0])
     if parts and media:
         return Refusal(f"media content (`{parts[0]}`) is not accepted on this route: send images and video to "
                        "a stream (POST /v1/video/streams, then .../frames); questions are text", parts[0])
