@@ -41,7 +41,7 @@ class APIKeyGate:
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
-        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys if k]
+        self.digests = key_digests(keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -51,13 +51,21 @@ class APIKeyGate:
         if path in ADMIN_PATHS:
             await error_response(404, "Not Found")(scope, receive, send)
         elif self.digests and path not in OPEN_PATHS and scope.get("method") != "OPTIONS" \
-                and not self.authorized(Headers(scope=scope)):
+                and not bearer_matches(Headers(scope=scope), self.digests):
             await error_response(401, "a valid API key is required: send `Authorization: Bearer <key>`")(
                 scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
-    def authorized(self, headers: Headers) -> bool:
-        scheme, _, key = (headers.get("authorization") or "").partition(" ")
-        digest = hashlib.sha256(key.encode()).digest()
-        return scheme.lower() == "bearer" and any(secrets.compare_digest(digest, d) for d in self.digests)
+
+
+def key_digests(keys: list[str]) -> list[bytes]:
+    """sha256 of each configured API key (compared in constant time, never kept in clear)."""
+    return [hashlib.sha256(k.encode()).digest() for k in keys if k]
+
+
+def bearer_matches(headers: Headers, digests: list[bytes]) -> bool:
+    """Whether the request carries `Authorization: Bearer <key>` with one of the keys of `digests`."""
+    scheme, _, key = (headers.get("authorization") or "").partition(" ")
+    digest = hashlib.sha256(key.encode()).digest()
+    return scheme.lower() == "bearer" and any(secrets.compare_digest(digest, d) for d in digests)

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -38,6 +37,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_livevlm.log import get_logger
+from vllm_livevlm.serving.access import bearer_matches, key_digests
 from vllm_livevlm.serving.boundary import TrustBoundary
 from vllm_livevlm.serving.errors import error_response
 from vllm_livevlm.serving.ray.replica import Replica
@@ -106,14 +106,11 @@ class RouterGate:
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_upload_bytes: int):
         self.app = app
-        self.key_digest = _digest(api_key) if api_key else None
+        self.key_digests = key_digests([api_key or ""])
         self.max_upload_bytes = max_upload_bytes
 
     def authorized(self, headers: Headers) -> bool:
-        if self.key_digest is None:
-            return True
-        scheme, _, key = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(_digest(key), self.key_digest)
+        return not self.key_digests or bearer_matches(headers, self.key_digests)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
