@@ -65,6 +65,16 @@ def server_reservation(model_dir: str, largest_bound: int, limits: dict | None =
             + scoring_reserve_bytes(shape, limits.max_stream_bytes, limits.max_clip_frames))
 
 
+def async_client(url: str, **kwargs):
+    """An httpx client for a test server that gives idle connections up before vLLM's uvicorn does
+    (`serving.keepalive`): with httpx's default the load test failed on CI with `ReadError`."""
+    import httpx
+
+    from vllm_livevlm.serving.keepalive import client_limits
+
+    return httpx.AsyncClient(base_url=url, limits=client_limits(), **kwargs)
+
+
 def free_port() -> int:
     import socket
 

@@ -13,12 +13,11 @@ import statistics
 import time
 
 import cv2
-import httpx
 import numpy as np
 import psutil
 import pytest
 import requests
-from helpers import Server, server_reservation, stream_reservation
+from helpers import Server, async_client, server_reservation, stream_reservation
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +102,7 @@ def _metric(url: str, name: str) -> float:
 async def _load(url: str, limit: int, seconds: float = LOAD_SECONDS, streams: int = 8, fps: float = 2.0,
                 ask_every: float = 5.0) -> dict:
     """`streams` cameras pushing one JPEG every 1/fps s, each asked a question every `ask_every` s."""
-    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as http:
+    async with async_client(url, headers=AUTH, timeout=120) as http:
         owners = []
         for _ in range(streams):
             r = await http.post("/v1/video/streams", json={})
@@ -145,11 +144,13 @@ async def _load(url: str, limit: int, seconds: float = LOAD_SECONDS, streams: in
                 store_peak = max(store_peak, store)
                 await asyncio.sleep(1.0)
 
-        await asyncio.gather(monitor(), *(camera(i, *o) for i, o in enumerate(owners)),
-                             *(asker(i, *o) for i, o in enumerate(owners)))
-        frames = [(await http.get(f"/v1/video/streams/{sid}", headers=o)).json()["stats"] for sid, o in owners]
-        for stream_id, owner in owners:
-            assert (await http.delete(f"/v1/video/streams/{stream_id}", headers=owner)).status_code == 200
+        try:
+            await asyncio.gather(monitor(), *(camera(i, *o) for i, o in enumerate(owners)),
+                                 *(asker(i, *o) for i, o in enumerate(owners)))
+            frames = [(await http.get(f"/v1/video/streams/{sid}", headers=o)).json()["stats"] for sid, o in owners]
+        finally:  # a failed run must not leave its streams holding the store for the tests after it
+            deleted = [(await http.delete(f"/v1/video/streams/{sid}", headers=o)).status_code for sid, o in owners]
+        assert deleted == [200] * streams, deleted
     ttfts.sort()
     return {"statuses": statuses, "questions": int(seconds / ask_every) * streams, "answered": answered,
             "ttft_p50_ms": 1000 * statistics.median(ttfts), "ttft_p99_ms": 1000 * ttfts[int(0.99 * (len(ttfts) - 1))],
@@ -344,7 +345,7 @@ def test_faults_leave_the_server_healthy(server):
     requests.post(f"{url}/v1/video/streams/{racer}/frames?wait=true", files=_files(range(4)), headers=racer_owner)
 
     async def race():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        async with async_client(url, timeout=120) as http:
             ask = http.post("/v1/chat/completions", headers=racer_owner, json={
                 "model": "m", "session_id": racer, "max_tokens": 64, "ignore_eos": True,
                 "messages": [{"role": "user", "content": QUESTION}]})

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import requests
-from helpers import Server, server_reservation, stream_reservation
+from helpers import Server, async_client, server_reservation, stream_reservation
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def _no_frame_lost(stats: dict) -> None:
 
 def _concurrent_creates(url: str, config: dict, count: int) -> list[httpx.Response]:
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        async with async_client(url, timeout=120) as http:
             return list(await asyncio.gather(*[http.post("/v1/video/streams", json={"config": config})
                                                for _ in range(count)]))
     return asyncio.run(run())
@@ -203,7 +203,7 @@ def test_random_interleavings_answer_no_5xx_and_lose_no_frame(server):
 
     async def run() -> dict[int, tuple[str, dict]]:
         slots: dict[int, tuple[str, dict]] = {}
-        async with httpx.AsyncClient(base_url=server.url, timeout=180) as http:
+        async with async_client(server.url, timeout=180) as http:
 
             async def op(kind: str, slot: int, stream_id: str, owner: dict, delay: float, seed: int) -> None:
                 await asyncio.sleep(delay)

@@ -16,12 +16,13 @@ import httpx
 import numpy as np
 import pytest
 import requests
-from helpers import QUESTION, Server, server_reservation, stream_reservation
+from helpers import QUESTION, Server, async_client, server_reservation, stream_reservation
 from test_memory_bytes import _ingest
 
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import RequestKind
 from vllm_livevlm.connector.store import Reask, SessionStore
+from vllm_livevlm.serving.keepalive import client_limits
 
 # ---- the store's pins (no engine) -------------------------------------------------------------------------
 STEADY = LiveVLMConfig(clip_frames=4, short_term_frames=2, long_term_budget_tokens=64, page_tokens=16,
@@ -151,7 +152,7 @@ def test_a_decoding_question_holds_no_snapshot(server):
     stream_id, owner = _create(url)
     assert requests.post(f"{url}/v1/video/streams/{stream_id}/frames?wait=true", files=_files(range(4)),
                          headers=owner).status_code == 200
-    with httpx.Client(base_url=url, timeout=120) as http:
+    with httpx.Client(base_url=url, timeout=120, limits=client_limits()) as http:
         with http.stream("POST", "/v1/chat/completions", headers=owner, json=_chat(stream_id, 3000, True)) as answer:
             lines = answer.iter_lines()
             assert answer.status_code == 200
@@ -194,7 +195,7 @@ def test_sixteen_streams_reserve_one_bound_each(server, bound):
         return [first.json(), second.json()]
 
     async def run() -> list[list[dict]]:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        async with async_client(url, timeout=600) as http:
             return await asyncio.gather(*(feed_and_ask(http, sid, owner, 100 * i)
                                           for i, (sid, owner) in enumerate(streams)))
 

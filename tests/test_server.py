@@ -95,9 +95,17 @@ def test_stream_lifecycle_over_http(server, client, tiny_model_dir, tmp_path):
     assert plain.choices[0].message.content and plain.usage.completion_tokens == 8
     assert 0 < plain.usage.prompt_tokens < 30  # only the question turn is prefilled
     assert plain.model_extra["livevlm"]["frames_covered"] == 64
+    # what the answer read: per layer, long-term pages with their frame ranges inside the 64 frames
+    read = plain.model_extra["livevlm"]["retrieval"]["pages"]
+    assert read and all(pages for pages in read.values()), read
+    for pages in read.values():
+        assert len({p["page"] for p in pages}) == len(pages)
+        assert all(0 <= p["frames"][0] <= p["frames"][1] < 64 for p in pages), pages
     chunks = list(_ask(client, tiny_model_dir, stream_id, owner, stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == plain.choices[0].message.content
+    final = [c.model_extra["livevlm"] for c in chunks if "livevlm" in (c.model_extra or {})]
+    assert len(final) == 1 and final[0]["retrieval"]["pages"] == read  # the same memory reads the same
     assert chunks[-1].usage.completion_tokens == 8
     header = client.chat.completions.create(
         model=tiny_model_dir, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0.0,

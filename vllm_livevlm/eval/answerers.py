@@ -81,8 +81,11 @@ class ServerAnswerer:
                  frames_per_request: int = 32, timeout: float = 600.0):
         import httpx
 
+        from vllm_livevlm.serving.keepalive import client_limits
+
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout,
+                                  limits=client_limits())
         self.stream_config = stream_config or {}
         self.frames_per_request = frames_per_request
         models = _checked(self.client.get("/v1/models"))["data"]

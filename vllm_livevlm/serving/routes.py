@@ -319,10 +319,18 @@ def _usage(answer: Answer) -> dict[str, Any]:
             "total_tokens": answer.prompt_tokens_computed + completion}
 
 
+def _retrieval_report(answer: Answer) -> dict[str, Any]:
+    """What the question read: per layer, the long-term pages (their numbers and `[first, last]` frames)."""
+    return {"pages": {str(layer): [{"page": page, "frames": list(frames)} for page, frames in
+                                   zip(answer.retrieved_page_indices.get(layer, []), ranges)]
+                      for layer, ranges in sorted(answer.retrieved_pages.items())}}
+
+
 def _livevlm_info(stream: LiveStream, answer: Answer) -> dict[str, Any]:
     return {"stream_id": stream.id, "frames_covered": answer.frames_covered,
             "context_tokens": answer.prompt_tokens - answer.prompt_tokens_computed, "timings": answer.timings,
-            "repinned_version": answer.repinned_version, "reasked": answer.reasked}
+            "repinned_version": answer.repinned_version, "reasked": answer.reasked,
+            "retrieval": _retrieval_report(answer)}
 
 
 def _completion(svc: StreamService, stream: LiveStream, answer: Answer, completion_id: str) -> dict[str, Any]:
@@ -470,7 +478,7 @@ async def _answer_on_socket(send: Callable[[dict[str, Any]], Awaitable[None]],
                     await send({"type": "answer.delta", "delta": item})
                 else:
                     await send({"type": "answer.done", "text": item.text, "frames_covered": item.frames_covered,
-                                "timings": item.timings})
+                                "timings": item.timings, "retrieval": _retrieval_report(item)})
     except Exception as e:
         await send_error(e)
 

@@ -40,6 +40,7 @@ from vllm_livevlm.log import get_logger
 from vllm_livevlm.serving.access import bearer_matches, key_digests
 from vllm_livevlm.serving.boundary import TrustBoundary
 from vllm_livevlm.serving.errors import error_response
+from vllm_livevlm.serving.keepalive import client_limits
 from vllm_livevlm.serving.ray.replica import Replica
 from vllm_livevlm.serving.socket_auth import SUBPROTOCOL, with_credential_headers
 
@@ -204,8 +205,8 @@ class StreamRouter:
         self._round_robin = itertools.cycle(replicas)
         self._auth = [("authorization", f"Bearer {api_key}")] if api_key else []  # the router's own requests
         timeout = httpx.Timeout(None, connect=limits.connect_timeout_seconds, pool=limits.pool_timeout_seconds)
-        self.clients = {r.index: httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(
-            max_connections=limits.connections_per_replica)) for r in replicas}
+        self.clients = {r.index: httpx.AsyncClient(timeout=timeout, limits=client_limits(limits.connections_per_replica))
+                        for r in replicas}
 
     # ---- choosing a replica ---------------------------------------------------------------------------------
     def live(self) -> list[Replica]:
