@@ -1,4 +1,5 @@
-"""Write tiny synthetic data in every benchmark format the evaluation harness reads (see vllm_livevlm/eval)."""
+"""Write tiny data sets in each benchmark's release layout (real record structures, synthetic content);
+see vllm_livevlm/eval/fixtures.py for the oddities they copy."""
 
 from vllm_livevlm.eval.fixtures import main
 

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=float, default=0.5, help="frames per second streamed from each video")
     parser.add_argument("--frame-size", type=int, default=None, help="resize frames to N x N when decoding")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--scoring", choices=("official", "lenient"), default="official",
+                        help="official: each benchmark's own rule; lenient: read the letter / yes-no / number "
+                             "out of a free-form answer (accuracy.json records which)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         evaluate(bench, questions, answerer, args.fps, out, args.max_tokens, args.frame_size,
                  meta={"model": args.model, "server": args.server, "livevlm_config": config.to_dict()},
+                 lenient=args.scoring == "lenient",
                  progress=lambda q, r: print(f"  {q.id} @ {q.query_time}s ({r['frames_covered']} frames): "
                                              f"{json.dumps(r['response'][:60])} -> {r['correct']}", flush=True))
     finally:

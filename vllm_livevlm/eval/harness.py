@@ -20,13 +20,14 @@ from typing import Any
 from vllm_livevlm.eval.answerers import Answerer
 from vllm_livevlm.eval.loaders import Benchmark
 from vllm_livevlm.eval.records import EvalQuestion, Scoring
-from vllm_livevlm.eval.scoring import accuracy_table, format_table, is_correct
+from vllm_livevlm.eval.scoring import accuracy_table, format_table, is_correct, rule_descriptions
 from vllm_livevlm.eval.video import decode_video, frames_until
 
 
 def run_questions(questions: list[EvalQuestion], answerer: Answerer, fps: float, max_tokens: int = 32,
-                  frame_size: int | None = None, progress=None) -> list[dict[str, Any]]:
-    """Ask every question through `answerer`; returns one result dict per question (in input order)."""
+                  frame_size: int | None = None, progress=None, lenient: bool = False) -> list[dict[str, Any]]:
+    """Ask every question through `answerer`; returns one result dict per question (in input order), judged
+    by its benchmark's official rule (or the lenient one)."""
     by_video: dict[str, list[int]] = defaultdict(list)
     for index, question in enumerate(questions):
         by_video[question.video].append(index)
@@ -50,7 +51,7 @@ def run_questions(questions: list[EvalQuestion], answerer: Answerer, fps: float,
                     "id": question.id, "task": question.task, "category": question.category,
                     "query_time": question.query_time, "frames_expected": wanted,
                     "frames_covered": reply.frames_covered, "answer": question.answer, "response": reply.text,
-                    "correct": is_correct(question, reply.text), "seconds": time.perf_counter() - start}
+                    "correct": is_correct(question, reply.text, lenient), "seconds": time.perf_counter() - start}
                 if progress is not None:
                     progress(question, results[index])
         finally:
@@ -59,8 +60,8 @@ def run_questions(questions: list[EvalQuestion], answerer: Answerer, fps: float,
 
 
 def write_results(bench: Benchmark, questions: list[EvalQuestion], results: list[dict[str, Any]], out_dir: str,
-                  meta: dict[str, Any]) -> dict[str, Any]:
-    """Write predictions, open-ended answers and the accuracy table; returns the table."""
+                  meta: dict[str, Any], lenient: bool = False) -> dict[str, Any]:
+    """Write predictions, open-ended answers and the accuracy table (with the scoring rules used); returns the table."""
     os.makedirs(out_dir, exist_ok=True)
     table = accuracy_table(results, bench.aggregation)
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
@@ -75,16 +76,17 @@ def write_results(bench: Benchmark, questions: list[EvalQuestion], results: list
                                     "video": question.video}) + "\n")
     with open(os.path.join(out_dir, "accuracy.json"), "w") as f:
         json.dump({"bench": bench.name, "date": datetime.date.today().isoformat(), "convention": bench.notes,
-                   **meta, **table}, f, indent=2)
+                   "scoring": "lenient" if lenient else "official",
+                   "rules": rule_descriptions({q.scoring for q in questions}, lenient), **meta, **table}, f, indent=2)
     return table
 
 
 def evaluate(bench: Benchmark, questions: list[EvalQuestion], answerer: Answerer, fps: float, out_dir: str,
              max_tokens: int = 32, frame_size: int | None = None, meta: dict[str, Any] | None = None,
-             progress=None) -> dict[str, Any]:
+             progress=None, lenient: bool = False) -> dict[str, Any]:
     """Run and write one benchmark; prints and returns its accuracy table."""
-    results = run_questions(questions, answerer, fps, max_tokens, frame_size, progress)
-    table = write_results(bench, questions, results, out_dir, {"fps": fps, **(meta or {})})
-    print(format_table(bench.name, table))
+    results = run_questions(questions, answerer, fps, max_tokens, frame_size, progress, lenient)
+    table = write_results(bench, questions, results, out_dir, {"fps": fps, **(meta or {})}, lenient)
+    print(format_table(bench.name, table) + f"\nscoring: {'lenient' if lenient else 'official'} rules")
     print(f"wrote {out_dir}/accuracy.json, predictions.jsonl" + (", open_ended.jsonl" if table["open_ended"] else ""))
     return table

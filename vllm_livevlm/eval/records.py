@@ -8,7 +8,7 @@ of the video); offline benchmarks ask at the end of the video (`query_time=None`
 from __future__ import annotations
 
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -16,13 +16,16 @@ LETTERS = string.ascii_uppercase
 
 
 class Scoring(str, Enum):
-    """How a response is judged; each benchmark's own rule."""
+    """How a response is judged: each benchmark's official rule (`scoring.py` implements them and the lenient
+    alternatives)."""
 
-    LETTER_SUBSTRING = "letter_substring"  # OVO-Bench BT/RT: the correct letter occurs in the response
-    LETTER = "letter"                      # exact option letter (StreamingBench, MLVU, VideoMME, EgoSchema)
-    NUMBER = "number"                      # OVO-Bench REC: the digits of the response equal the count
-    YES_NO = "yes_no"                      # OVO-Bench SSR / CRR: Yes or No (a bare Y / N counts)
-    OPEN = "open"                          # open-ended (RVS): written out for an external LLM judge
+    OVO_LETTER = "ovo_letter"    # OVO-Bench BT/RT: the gold letter occurs in the response (case-sensitive)
+    OVO_COUNT = "ovo_count"      # OVO-Bench REC: the response's digits, joined, spell the count
+    OVO_YES_NO = "ovo_yes_no"    # OVO-Bench SSR/CRR: the response is "Y"/"N", or contains "Yes"/"No" (case-sensitive)
+    FIRST_CHAR = "first_char"    # StreamingBench: the response's first character is the gold letter
+    LMMS_LETTER = "lmms_letter"  # Video-MME (lmms-eval): the first of A-D once answer prefixes are removed
+    REKV_LETTER = "rekv_letter"  # MLVU, EgoSchema (ReKV): the character before the first ")", else the first one
+    OPEN = "open"                # open-ended (RVS): written out for an external LLM judge
 
 
 @dataclass
@@ -33,22 +36,12 @@ class EvalQuestion:
     category: str
     video: str                      # absolute path of the video file
     question: str
-    answer: str                     # the gold answer: a letter, a number, "Yes"/"No" or free text
+    answer: str                     # the gold answer: a letter, a count, "Yes"/"No" or free text
     scoring: Scoring
     query_time: float | None = None  # seconds; None = after the whole video (offline benchmarks)
     options: list[str] | None = None  # option texts without their letters
     prompt: str = ""                 # what the model is asked (the benchmark's template)
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["scoring"] = self.scoring.value
-        return data
-
-
-def option_lines(options: list[str], separator: str = "\n") -> str:
-    """"A. first{sep}B. second..." as the multiple-choice templates write them."""
-    return separator.join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
 
 
 def strip_letter(option: str) -> str:
