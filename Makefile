@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TARGET ?= auto
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test test-quick clean demo
 
@@ -18,5 +19,5 @@ test-quick:
 clean:
 	rm -rf $(VENV) build *.egg-info bench_results
 
-demo:
-	$(VENV)/bin/vllm-livevlm demo
+demo:  # the browser console; DEMO_ARGS=--no-browser for the terminal demo
+	$(VENV)/bin/vllm-livevlm demo $(DEMO_ARGS)

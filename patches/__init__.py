@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES: tuple[str, ...] = ("async_llm_pre_shutdown_hooks",)
+PATCHES: tuple[str, ...] = ("async_llm_pre_shutdown_hooks", "compilation_livevlm_splitting_ops")
 _applied: set[str] = set()
 
 

@@ -36,6 +36,19 @@ pipq() {
   "${pip[@]}" --quiet "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
 }
 
+# The console's browser test (tests/test_console.py) drives Debian's chromium through Playwright (which is
+# pointed at it: no `playwright install` download). Installed when missing, if this runs as root with apt.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "install: installing chromium (apt-get)"
+    apt-get install -y --no-install-recommends chromium >/dev/null \
+      || { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; } \
+      || echo "install: apt-get could not install chromium: tests/test_console.py will skip" >&2
+  else
+    echo "install: chromium is missing and apt-get cannot run here (not root): tests/test_console.py will skip" >&2
+  fi
+fi
+
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
   echo "install: stack already installed ($target), re-linking vllm_livevlm only"
   pipq install --no-build-isolation -e "$root"
@@ -60,7 +73,8 @@ else
   pipq install --isolated "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "vllm==$VLLM_VERSION"
 fi
 
-pipq install "$RAY_SPEC" pytest pytest-timeout hypothesis "openai>=2.25" matplotlib
+pipq install "$RAY_SPEC" pytest pytest-timeout hypothesis "openai>=2.25" matplotlib "pyarrow==26.0.1" \
+  "playwright==1.65.2"
 pipq install --no-build-isolation -e "$root"
 "$venv/bin/python" - <<'PY'
 import torch, torchvision, vllm, transformers

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_prints_its_table_and_exits_cleanly():
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "vllm_livevlm.cli", "demo", "--frames", "96", "--ask-every", "48"],
+    result = subprocess.run([sys.executable, "-m", "vllm_livevlm.cli", "demo", "--no-browser", "--frames", "96",
+                             "--ask-every", "48"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()

@@ -27,7 +27,6 @@ def test_default_settings_pass(tiny_model_dir):
 @pytest.mark.parametrize("overrides, flag", [
     ({"enable_prefix_caching": True}, "--enable-prefix-caching"),
     ({"disable_chunked_mm_input": False}, "--disable-chunked-mm-input"),
-    ({"enforce_eager": False}, "--enforce-eager"),
 ])
 def test_setting_refused(tiny_model_dir, overrides, flag):
     """The check on the engine's real config (what `EngineArgs` makes of the flag)."""
@@ -50,15 +49,15 @@ def test_parallelism_refused(tiny_model_dir, attribute, flag):
 
 @pytest.mark.slow
 def test_engine_start_refused(tiny_model_dir, capfd):
-    """A real engine start (Python API) with all three: the engine core refuses it before serving anything,
+    """A real engine start (Python API) with both: the engine core refuses it before serving anything,
     and its log names every flag and why (one start: each takes a minute on a loaded CPU)."""
     from vllm_livevlm import LiveVLM
 
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):
         LiveVLM(tiny_model_dir, CONFIG, dtype="float32", max_model_len=16384, enable_prefix_caching=True,
-                disable_chunked_mm_input=False, enforce_eager=False).shutdown()
+                disable_chunked_mm_input=False).shutdown()
     log = capfd.readouterr()
     text = log.out + log.err
     assert "LiveVLM cannot run with these engine settings" in text
-    for flag in ("--enable-prefix-caching", "--disable-chunked-mm-input is required", "--enforce-eager is required"):
+    for flag in ("--enable-prefix-caching", "--disable-chunked-mm-input is required"):
         assert f"- {flag}" in text, flag

@@ -126,7 +126,7 @@ def test_every_header_checked_before_any_image_is_decoded(decoder, monkeypatch):
     uploads.append(Upload(png_claiming(30000, 30000), "last", False))
     assert refusal(decoder.decode_now, uploads).status == 413
     assert decodes == []
-    assert decoder.decode_now(uploads[:19]).shape == (19, 48, 48, 3)
+    assert decoder.decode_now(uploads[:19]).frames.shape == (19, 48, 48, 3)
     assert len(decodes) == 19
 
 
@@ -140,7 +140,7 @@ def test_image_count_refused_before_decoding(decoder):
 @pytest.mark.parametrize("width,height", [(48, 48), (384, 384), (500, 384), (384, 700), (200, 100)])
 def test_frames_at_or_below_the_processor_size_are_unchanged(decoder, width, height):
     frame = image(width, height, seed=3)
-    decoded = decoder.decode_now([Upload(encoded(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), ".png"), "f", False)])
+    decoded = decoder.decode_now([Upload(encoded(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), ".png"), "f", False)]).frames
     assert np.array_equal(decoded[0], frame)  # bit-identical: the model sees exactly what was sent
 
 
@@ -149,7 +149,7 @@ def test_frames_at_or_below_the_processor_size_are_unchanged(decoder, width, hei
 def test_larger_frames_shrunk_to_the_processor_size_keeping_aspect(decoder, width, height, expected):
     frame = np.zeros((height, width, 3), np.uint8)
     frame[: height // 2] = (255, 0, 0)  # top half red (RGB)
-    decoded = decoder.decode_now([Upload(encoded(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), ".png"), "f", False)])
+    decoded = decoder.decode_now([Upload(encoded(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), ".png"), "f", False)]).frames
     assert decoded.shape == (1, *expected, 3)
     assert decoded[0, 0, 0].tolist() == [255, 0, 0] and decoded[0, -1, -1].tolist() == [0, 0, 0]
 
@@ -157,13 +157,13 @@ def test_larger_frames_shrunk_to_the_processor_size_keeping_aspect(decoder, widt
 def test_jpeg_decoded_as_rgb(decoder):
     frame = np.zeros((40, 40, 3), np.uint8)
     frame[..., 0] = 200  # red in RGB
-    decoded = decoder.decode_now([Upload(encoded(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), ".jpg"), "f", False)])
+    decoded = decoder.decode_now([Upload(encoded(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), ".jpg"), "f", False)]).frames
     assert decoded.shape == (1, 40, 40, 3) and abs(int(decoded[0, 20, 20, 0]) - 200) <= 3
 
 
 # ---- videos --------------------------------------------------------------------------------------------------
 def test_video_decoded(decoder, tmp_path):
-    decoded = decoder.decode_now([Upload(video_file(tmp_path / "v.mp4", 10), "video", True)])
+    decoded = decoder.decode_now([Upload(video_file(tmp_path / "v.mp4", 10), "video", True)]).frames
     assert decoded.shape == (10, 64, 64, 3)
 
 

@@ -19,7 +19,8 @@ from helpers import Server
 pytestmark = pytest.mark.slow
 
 API_KEY = "security-test-key"
-CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 1024, "page_tokens": 16}
+# Every frame kept: websocket frames arrive in bursts here (sampling by arrival time: tests/test_time.py).
+CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 1024, "page_tokens": 16, "sample_fps": None}
 QUESTION = "what is happening in the video?"
 RSS_GROWTH_LIMIT = 512 * 1024**2
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -14,7 +14,8 @@ from helpers import Server
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 1024, "page_tokens": 16}
+# Every frame kept: these tests push a 4 fps mp4 and a burst of websocket frames (sampling: tests/test_time.py).
+CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 1024, "page_tokens": 16, "sample_fps": None}
 QUESTION = "what is happening in the video?"
 
 
@@ -89,7 +90,8 @@ def test_stream_lifecycle_over_http(server, client, tiny_model_dir, tmp_path):
     r = requests.post(f"{server}/v1/video/streams/{stream_id}/frames?wait=true",
                       data=_mp4(frames[48:64], tmp_path / "d.mp4"), headers={"Content-Type": "video/mp4", **owner})
     assert r.status_code == 200, r.text
-    assert r.json() == {"frames_accepted": 16, "frames_dropped": 0, "clips_encoded": 16, "frames_encoded": 64, "pending_frames": 0}
+    assert r.json() == {"frames_accepted": 16, "frames_sampled_out": 0, "frames_dropped": 0, "clips_encoded": 16,
+                        "frames_encoded": 64, "pending_frames": 0}
 
     plain = _ask(client, tiny_model_dir, stream_id, owner)
     assert plain.choices[0].message.content and plain.usage.completion_tokens == 8

@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.cpu_kv import kv_pool_args
+from vllm_livevlm.portable.format import StreamFileError
 from vllm_livevlm.streams import (Answer, ClipResult, LiveStream, StreamClosed, StreamEngine, engine_args_for,
                                   tokens_per_frame_of)
 
 T = TypeVar("T")
 
-__all__ = ["LiveVLM", "Stream", "Answer", "ClipResult", "StreamClosed"]
+__all__ = ["LiveVLM", "Stream", "Answer", "ClipResult", "StreamClosed", "StreamFileError"]
 
 
 class LiveVLM:
@@ -58,6 +59,21 @@ class LiveVLM:
         """Open a stream (config overrides are applied on the engine's config) and encode its sinks."""
         self._check_open()
         return Stream(self, self._run(self.core.open_stream(config, system_prompt)))
+
+    def import_stream(self, path: str | os.PathLike, stream_id: str | None = None) -> "Stream":
+        """Open a stream from a stream file (`Stream.export`, or a server's `.../export`) with the memory and
+        state it holds, under a fresh id unless `stream_id`; complete clips among its pending frames are
+        encoded before this returns. Raises `StreamFileError` naming what is wrong with the file."""
+        self._check_open()
+        with open(path, "rb") as f:
+            data = f.read()
+
+        async def imported() -> LiveStream:
+            stream, _ = await self.core.import_stream(data, stream_id)
+            await stream.encode_ready()
+            return stream
+
+        return Stream(self, self._run(imported()))
 
     def engine_stats(self) -> dict[str, Any]:
         """Store bytes across streams and (single-process engines) the paged pool's free blocks."""
@@ -110,7 +126,9 @@ class Stream:
         self.config = core.config
 
     def append(self, frames: Any, timestamps: Any = None) -> list[ClipResult]:
-        """Buffer frames; encode every complete clip; return once they are encoded."""
+        """Buffer frames (sampled to the stream's `sample_fps` by `timestamps`, one per frame in seconds; without
+        them the frames are taken as at that rate: `vllm_livevlm.clock`); encode every complete clip; return
+        once they are encoded. Times that go back or are not finite raise `TimestampError` (nothing is kept)."""
         self.core.accept(frames, timestamps)
         return self.owner._run(self.core.encode_ready())
 
@@ -157,6 +175,15 @@ class Stream:
         """Stream token ids in memory: `long_term[layer][kv_head]` and `short_term`."""
         self._check_open()
         return self.owner._run(self.core.kept_tokens())
+
+    def export(self, path: str | os.PathLike) -> int:
+        """Write the stream (memory, state, pending frames) to a stream file (`docs/stream-format.md`) that
+        `LiveVLM.import_stream` or a server's `POST /v1/video/streams/import` reads; returns its size."""
+        self._check_open()
+        data = self.owner._run(self.core.export_bytes())
+        with open(path, "wb") as f:
+            f.write(data)
+        return len(data)
 
     def close(self) -> int:
         """Free the stream's memory; returns the bytes freed. Closing twice is harmless."""

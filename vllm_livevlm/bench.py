@@ -13,8 +13,11 @@ Every system runs on the same model, frames and questions, on this machine, in o
   top pages retrieved per question);
 - livevlm: LiveVLM at its default configuration.
 Vanilla, vllm-streaming, vanilla-32 and recent-4 run as ordinary requests on the LiveVLM engine (its model
-variant runs vLLM's own Qwen2 math for them; prefix caching off, as vLLM advises for sessions, eager like
-every system here); vanilla-prefix needs prefix caching and runs on a second, stock engine.
+variant runs vLLM's own Qwen2 math for them; prefix caching off, as vLLM advises for sessions; vLLM's default
+compilation like every engine here, `--enforce-eager` with `--eager`); vanilla-prefix needs prefix caching
+and runs on a second, stock engine. `--compiled` runs livevlm again on an `--enforce-eager` engine
+(`livevlm-eager`) and reports compiled over eager (decode tokens/s, clip and question step time) and what the
+LiveVLM op costs on a decode step without LiveVLM work (torch.profiler, `decode_op_cost`).
 Memory is reported and measured: "reported" is what the system says it holds (the store's stats for the
 LiveVLM systems, tokens x KV bytes per token for the others); "measured" is what is allocated: the distinct
 tensor storages the session store holds (`vllm_livevlm.measure`, sampled after every clip) for the LiveVLM
@@ -214,9 +217,12 @@ class Bench:
                           args.frame_size, args.frame_size, 3), dtype=np.uint8)
         self.results: dict[str, list[Point]] = {}
         self.request = 0
+        self.op_cost: dict[str, float] | None = None  # `decode_op_cost`, with --compiled
 
     # ---- LiveVLM systems (and stock requests on the same engine) ---------------------------------------
-    def run_livevlm_engine(self, model: str, progress) -> None:
+    def run_livevlm_engine(self, model: str, progress, enforce_eager: bool = False) -> None:
+        """Every system that runs on a LiveVLM engine; with `enforce_eager` (the `--compiled` comparison) only
+        livevlm, stored as `livevlm-eager`."""
         from vllm_livevlm import LiveVLM
 
         args = self.args
@@ -226,11 +232,14 @@ class Bench:
                      } if args.profile else {}
         lv = LiveVLM(model, base, max_model_len=args.max_model_len, dtype=args.dtype,
                      limit_mm_per_prompt={"video": max(args.lengths) // args.clip_frames + 1, "image": 0},  # vanilla's clips
-                     **profiling)
+                     enforce_eager=enforce_eager or args.eager, **(profiling if not enforce_eager else {}))
         self.kv_bytes_per_token = self._kv_bytes_per_token(lv.engine.model_config.hf_config.text_config, args.dtype)
         pool = self._pool_probe(lv.engine)
         try:
             self._warm_up(lv)
+            if enforce_eager:
+                self.results["livevlm-eager"] = self._run_stream_system(lv, "livevlm", {}, progress, profile=False)
+                return
             for name in args.systems:
                 if name in LIVEVLM_SYSTEMS:
                     self.results[name] = self._run_stream_system(lv, name, LIVEVLM_SYSTEMS[name], progress)
@@ -256,7 +265,7 @@ class Bench:
 
         return SamplingParams(max_tokens=self.args.answer_tokens, temperature=0.0, ignore_eos=True)
 
-    def _run_stream_system(self, lv, name: str, overrides: dict, progress) -> list[Point]:
+    def _run_stream_system(self, lv, name: str, overrides: dict, progress, profile: bool = True) -> list[Point]:
         args = self.args
         memory = StoreMemory(lv)
         stream = lv.open_stream(overrides)
@@ -295,7 +304,7 @@ class Bench:
                                        "ingest_s_all_clips": list(ingest), "long_term_tokens": stats["long_term_tokens"],
                                        "peak_memory_bytes": max(peak, stats["bytes"]), **memory.peaks()}))
             progress(f"{name} {length} frames: TTFT {points[-1].ttft_s['median'] * 1000:.0f} ms")
-        if args.profile and name == "livevlm":
+        if args.profile and profile and name == "livevlm":
             self._profile(lv, stream, encoded)
         stream.close()
         return points
@@ -445,7 +454,7 @@ class Bench:
 
         async def start():
             return AsyncLLM.from_engine_args(AsyncEngineArgs(
-                model=model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
+                model=model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.eager,
                 enable_prefix_caching=True, max_num_batched_tokens=max(args.clip_frames * 197 + 512, 8192),
                 disable_chunked_mm_input=True,
                 limit_mm_per_prompt={"video": max(args.lengths) // args.clip_frames + 1, "image": 0}))
@@ -485,6 +494,44 @@ class Bench:
             loop.call_soon_threadsafe(loop.stop)
         self.results["vanilla-prefix"] = points
 
+    # ---- compiled vs eager (--compiled) --------------------------------------------------------------------
+    def compiled_vs_eager(self) -> list[dict[str, Any]]:
+        """Per stream length, livevlm on the default (compiled) engine against `livevlm-eager`: medians of
+        both and compiled over eager (decode: > 1 is faster; clip and question step times: < 1 is faster)."""
+        eager = {p.frames: p for p in self.results.get("livevlm-eager", []) if not p.skipped}
+        rows = []
+        for p in self.results.get("livevlm", []):
+            e = eager.get(p.frames)
+            if p.skipped or e is None:
+                continue
+            row: dict[str, Any] = {"frames": p.frames}
+            for key, ours, theirs in (("decode_tokens_per_s", p.decode_tokens_per_s, e.decode_tokens_per_s),
+                                      ("clip_step_s", p.ingest_s_per_clip, e.ingest_s_per_clip),
+                                      ("question_ttft_s", p.ttft_s, e.ttft_s)):
+                if ours and theirs:
+                    row[key] = {"compiled": ours["median"], "eager": theirs["median"],
+                                "compiled_over_eager": ours["median"] / theirs["median"]}
+            rows.append(row)
+        return rows
+
+    def compiled_table(self) -> list[str]:
+        lines = ["compiled (vLLM's default compilation) vs --enforce-eager, livevlm, medians:",
+                 f"  {'frames':>6} {'decode tok/s c / e (x)':>28} {'clip s c / e (x)':>24} {'question TTFT ms c / e (x)':>30}"]
+        for row in self.compiled_vs_eager():
+            cells = []
+            for key, scale, fmt in (("decode_tokens_per_s", 1, ".1f"), ("clip_step_s", 1, ".2f"),
+                                    ("question_ttft_s", 1000, ".0f")):
+                r = row.get(key)
+                cells.append(f"{r['compiled'] * scale:{fmt}} / {r['eager'] * scale:{fmt}} ({r['compiled_over_eager']:.2f})"
+                             if r else "-")
+            lines.append(f"  {row['frames']:>6} {cells[0]:>28} {cells[1]:>24} {cells[2]:>30}")
+        cost = self.op_cost
+        if cost:
+            lines.append(f"  LiveVLM op on a decode step without LiveVLM work: {cost['op_overhead_us_per_step']:.1f} us "
+                         f"of {cost['step_us']:.0f} us ({cost['op_overhead_share'] * 100:.2f}%; its RoPE kernel "
+                         f"{cost['rope_us_per_step']:.1f} us more), {cost['steps']} steps")
+        return lines
+
     # ---- summary -------------------------------------------------------------------------------------------
     @staticmethod
     def _kv_bytes_per_token(text_config, dtype: str) -> int:
@@ -502,7 +549,7 @@ class Bench:
         ours = [p for p in self.results.get("livevlm", []) if not p.skipped]
         for name, points in self.results.items():
             held = [p for p in points if not p.skipped and p.measured_memory_bytes]
-            if not held:
+            if not held or name == "livevlm-eager":  # livevlm's memory again (--compiled compares its speed)
                 continue
             last = held[-1]
             if name in ("vanilla-32", "recent-4"):
@@ -579,6 +626,8 @@ class Bench:
                     held += (f"; {entry['frames_in_livevlm_memory']} in livevlm's memory -> {entry['livevlm_ratio']:.1f}x "
                              f"[{entry['frames_in_livevlm_memory_reported']} -> {entry['livevlm_ratio_reported']:.1f}x]")
             lines.append(f"  {name:<17} {held}")
+        if "livevlm-eager" in self.results:
+            lines += [""] + self.compiled_table()
         lines.append("")
         lines.append("targets (ratios from this run):")
         for key, value in self.targets().items():
@@ -593,6 +642,8 @@ class Bench:
                 "results": {n: [p.__dict__ for p in ps] for n, ps in self.results.items()},
                 "kv_bytes_per_token": self.kv_bytes_per_token, "kv_block_tokens": self.kv_block_tokens,
                 "max_frames": self.max_frames(), "targets": self.targets()}
+        if "livevlm-eager" in self.results:
+            data["compiled"] = {"vs_eager": self.compiled_vs_eager(), "decode_op_cost": self.op_cost}
         with open(path, "w") as f:
             json.dump(data, f, indent=2, default=str)
         self._plot(path[:-5])
@@ -624,6 +675,48 @@ class Bench:
             plt.close(fig)
 
 
+def decode_op_cost(model: str, dtype: str, max_model_len: int, tokens: int = 64) -> dict[str, float]:
+    """What `livevlm::rotary_with_hooks` costs on steps without LiveVLM work: torch.profiler over one plain
+    request decoded by an in-process LiveVLM engine under vLLM's default compilation. The op's CPU time less
+    the RoPE kernel it runs (vLLM's own attention rotates too), per step, against the step's wall time. Run
+    it before any other engine in the process: it needs vLLM's in-process engine core."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from vllm_livevlm.config import LiveVLMConfig
+    from vllm_livevlm.cpu_kv import kv_pool_args
+    from vllm_livevlm.model.ops import OP_NAME
+    from vllm_livevlm.streams import engine_args_for, tokens_per_frame_of
+
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model runs in this process: the profiler sees it
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    args = engine_args_for(model, LiveVLMConfig(), tokens_per_frame_of(model), dtype=dtype, max_model_len=max_model_len)
+    args.update(kv_pool_args(model, args))
+    llm = LLM(**args)
+    try:
+        prompt = {"prompt_token_ids": list(range(100, 132))}
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(prompt, params, use_tqdm=False)  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            llm.generate(prompt, params, use_tqdm=False)
+            wall = time.perf_counter() - start
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    events = {e.key: e for e in prof.key_averages()}
+    op = events[OP_NAME]
+    rope = sum(e.cpu_time_total for k, e in events.items() if k.endswith("::rotary_embedding") and k != OP_NAME)
+    step_us = wall * 1e6 / tokens
+    overhead = (op.cpu_time_total - rope) / tokens
+    return {"steps": tokens, "op_calls": op.count, "step_us": step_us, "op_overhead_us_per_step": overhead,
+            "rope_us_per_step": rope / tokens, "op_overhead_share": overhead / step_us}
+
+
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
@@ -650,6 +743,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-gib", type=float, default=16.0, help="KV budget for the max-frames figure")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="torch-profile one more clip and one question of livevlm's longest stream into DIR")
+    parser.add_argument("--eager", action="store_true", help="every engine with --enforce-eager")
+    parser.add_argument("--compiled", action="store_true",
+                        help="livevlm also under --enforce-eager: compiled over eager, and the op's decode-step cost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--machine", default=None, help="name used in the output file (default: cpu-<cores> or the GPU)")
     parser.add_argument("--out", default="bench_results")
@@ -658,6 +754,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.systems) - set(ALL_SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+    if args.eager and args.compiled:
+        parser.error("--compiled compares against --enforce-eager itself: drop --eager")
     args.lengths = sorted(int(x) for x in args.lengths.split(","))
     args.long_lengths = sorted(int(x) for x in args.long_lengths.split(",") if x)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -670,16 +768,20 @@ def main(argv: list[str] | None = None) -> None:
         args.max_model_len = min(AutoConfig.from_pretrained(model).text_config.max_position_embeddings, 65536)
     machine = args.machine or _machine_name()
     bench = Bench(args)
-    total = sum(len(bench.lengths_for(s)) for s in args.systems)
+    if args.compiled:
+        bench.op_cost = decode_op_cost(model, args.dtype, args.max_model_len)
+    total = sum(len(bench.lengths_for(s)) for s in args.systems) + (len(bench.lengths_for("livevlm")) if args.compiled else 0)
     with tqdm(total=total, desc="bench", unit="point") as bar:
         def progress(message: str) -> None:
             bar.set_postfix_str(message)
             bar.update(1)
 
         bench.run_livevlm_engine(model, progress)
+        if args.compiled:
+            bench.run_livevlm_engine(model, progress, enforce_eager=True)
         if "vanilla-prefix" in args.systems:
             bench.run_prefix_engine(model, progress)
-    order = [s for s in args.systems if s in bench.results]
+    order = [s for s in [*args.systems, "livevlm-eager"] if s in bench.results]
     bench.results = {s: bench.results[s] for s in order}
     print()
     print(bench.table())

@@ -1,6 +1,8 @@
 """`vllm-livevlm`: serve, demo, bench and model-building commands.
 
-    vllm-livevlm serve MODEL [--livevlm-config JSON] [--livevlm-<knob> V] [--livevlm-limits JSON] [vllm serve args]
+    vllm-livevlm serve MODEL [--livevlm-config JSON] [--livevlm-<knob> V] [--livevlm-limits JSON]
+                       [--livevlm-state-dir DIR] [--livevlm-checkpoint-every-clips N]
+                       [--livevlm-checkpoint-every-seconds T] [vllm serve args]
     vllm-livevlm serve-ray MODEL --replicas N [--address RAY_ADDRESS] [--host H] [--port P] [serve args]
     vllm-livevlm demo [--frames 320]
     vllm-livevlm bench [--model-preset bench|7b] [--lengths 16,64,256,1024] [--systems ...]
@@ -26,8 +28,8 @@ from vllm_livevlm.config import LiveVLMConfig
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
-def serve_command(model: str, config: LiveVLMConfig, vllm_args: list[str],
-                  limits: dict[str, Any] | None = None) -> tuple[list[str], dict[str, str]]:
+def serve_command(model: str, config: LiveVLMConfig, vllm_args: list[str], limits: dict[str, Any] | None = None,
+                  state_dir: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start vLLM's server with LiveVLM (flags the user gave win)."""
     from vllm_livevlm.cpu_kv import kv_pool_args
     from vllm_livevlm.service_env import livevlm_env
@@ -49,7 +51,7 @@ def serve_command(model: str, config: LiveVLMConfig, vllm_args: list[str],
     for name, value in kv_pool_args(model, _user_engine_args(vllm_args)).items():
         flags += ["--" + name.replace("_", "-"), str(value)]
     command = [sys.executable, "-m", SERVER_MODULE, "--model", model, *flags, *vllm_args]
-    return command, livevlm_env(config, limits)
+    return command, livevlm_env(config, limits, state_dir)
 
 
 def _user_engine_args(vllm_args: list[str]) -> dict[str, str]:
@@ -68,13 +70,36 @@ def _serve(argv: list[str]) -> None:
                                      description="Start vLLM's OpenAI-compatible server with LiveVLM streams.")
     parser.add_argument("model")
     parser.add_argument("--livevlm-limits", default=None, help="JSON server limits (see README)")
+    parser.add_argument("--livevlm-state-dir", default=None, metavar="DIR",
+                        help="checkpoint every stream here and restore them on start (see README)")
+    parser.add_argument("--livevlm-checkpoint-every-clips", type=int, default=None, metavar="N",
+                        help="limit checkpoint_every_clips: a changed stream is written after N clips")
+    parser.add_argument("--livevlm-checkpoint-every-seconds", type=float, default=None, metavar="T",
+                        help="limit checkpoint_every_seconds: ... or T seconds, whichever first")
     LiveVLMConfig.add_cli_args(parser)
     args, vllm_args = parser.parse_known_args(argv)
     config = LiveVLMConfig.from_cli_args(args)
-    limits = json.loads(args.livevlm_limits) if args.livevlm_limits else None
-    command, env = serve_command(args.model, config, vllm_args, limits)
+    state_dir = None
+    if args.livevlm_state_dir:
+        from vllm_livevlm.portable.checkpoints import StateDirError, check_state_dir
+
+        try:  # refused here, before the engine loads for minutes (the plugin checks it again)
+            state_dir = str(check_state_dir(args.livevlm_state_dir))
+        except StateDirError as e:
+            parser.error(str(e))
+    command, env = serve_command(args.model, config, vllm_args, _limits(args), state_dir)
     os.environ.update(env)
     os.execv(command[0], command)
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--livevlm-limits` JSON with the checkpoint flags on top (the server checks them: `ServerLimits`)."""
+    limits = json.loads(args.livevlm_limits) if args.livevlm_limits else {}
+    for name in ("checkpoint_every_clips", "checkpoint_every_seconds"):
+        value = getattr(args, "livevlm_" + name)
+        if value is not None:
+            limits[name] = value
+    return limits or None
 
 
 def main(argv: list[str] | None = None) -> None:

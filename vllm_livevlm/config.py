@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Mapping
@@ -37,6 +38,8 @@ class LiveVLMConfig:
     retrieve_ratio: float = field(default=0.4, metadata={"help": "share of long-term pages retrieved per layer for a question"})
     flush_on_question: bool = field(default=True, metadata={"help": "encode pending frames as a short clip before answering"})
     history_turns: int = field(default=0, metadata={"help": "earlier Q/A turns of the stream placed before a new question"})
+    sample_fps: float | None = field(default=1.0, metadata={"help": "frames per second kept of what a stream receives, sampled by the frames' timestamps; null keeps every frame"})
+    time_prompt_frames: int = field(default=0, metadata={"help": "frame times (LLaVA-Video's time instruction) placed before a question, at most this many; 0 = off"})
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -46,7 +49,7 @@ class LiveVLMConfig:
 
         for name in ("clip_frames", "score_queries", "bucket_capacity", "page_tokens"):
             positive(name)
-        for name in ("short_term_frames", "history_turns"):
+        for name in ("short_term_frames", "history_turns", "time_prompt_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LiveVLMConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -58,6 +61,10 @@ class LiveVLMConfig:
             raise LiveVLMConfigError(f"retrieve_ratio must be in (0, 1], got {self.retrieve_ratio!r}")
         if not isinstance(self.per_head_selection, bool) or not isinstance(self.flush_on_question, bool):
             raise LiveVLMConfigError("per_head_selection and flush_on_question must be booleans")
+        fps = self.sample_fps
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))
+                                or not math.isfinite(fps) or fps <= 0):
+            raise LiveVLMConfigError(f"sample_fps must be a positive number of frames per second or null, got {fps!r}")
         budget = self.long_term_budget_tokens
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
@@ -138,6 +145,8 @@ class LiveVLMConfig:
                 kwargs["type"] = _parse_bool
             elif f.name == "long_term_budget_tokens":
                 kwargs["type"] = _parse_optional_int
+            elif f.name == "sample_fps":
+                kwargs["type"] = _parse_optional_float
             elif isinstance(f.default, float):
                 kwargs["type"] = float
             elif isinstance(f.default, int):
@@ -169,3 +178,7 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null", "") else int(text)
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "") else float(text)

@@ -1,9 +1,11 @@
-"""`vllm-livevlm demo` (`make demo`): a live stream end to end through the HTTP API.
+"""`vllm-livevlm demo` (`make demo`): a live stream end to end, in the browser console or the terminal.
 
-Builds the tiny random model if needed, starts `vllm-livevlm serve` on a free loopback port, renders a
-synthetic video (moving shapes), pushes it frame batch by frame batch, asks questions while it streams,
-prints latency and memory per question as a table, and shuts the server down. The model has random
-weights, so the answers are gibberish: the demo shows the mechanics and the costs, not understanding.
+Builds the tiny random model if needed and starts `vllm-livevlm serve` on a loopback port. By default it
+prints the console's URL (`/livevlm/#demo`) and opens it when a graphical browser is available: the page
+streams a test pattern of moving shapes, asks a question every 20 s and shows what each answer read, until
+Ctrl-C. `--no-browser` is the terminal demo: a synthetic video (moving shapes) pushed frame batch by frame
+batch, questions while it streams, latency and memory per question printed as a table, then shutdown. The
+model has random weights, so the answers are gibberish: the demo shows the mechanics and the costs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import webbrowser
 
 import cv2
 import numpy as np
@@ -55,14 +58,13 @@ def _jpeg(frame: np.ndarray) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import requests
-    from openai import OpenAI
-    from tqdm import tqdm
-
     from vllm_livevlm.testing.tiny_model import ensure_tiny_model
 
     parser = argparse.ArgumentParser(prog="vllm-livevlm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: the tiny random model, built if needed)")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="the terminal demo: stream from here and print a table instead of the console")
+    parser.add_argument("--port", type=int, default=None, help="the server's port (default: a free one)")
     parser.add_argument("--frames", type=int, default=320)
     parser.add_argument("--batch", type=int, default=8, help="frames per HTTP request")
     parser.add_argument("--ask-every", type=int, default=64, help="ask a question every N frames")
@@ -72,54 +74,102 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     model = args.model or ensure_tiny_model(os.path.join(tempfile.gettempdir(), "vllm-livevlm-demo-tiny"))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-livevlm-demo-", suffix=".log", delete=False)
-    print(f"starting vllm-livevlm serve {model} on {url} (log: {log.name}) ...", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "vllm_livevlm.cli", "serve", model, "--host", "127.0.0.1",
-                               "--port", str(port), "--livevlm-config", json.dumps(DEMO_CONFIG)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    rows = []
+    server, url = _start_server(model, args.port or _free_port())
     try:
-        start = time.time()
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                raise SystemExit(f"the server exited:\n{log.read()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() - start > 300:
-                raise SystemExit("the server did not start within 300 s")
-            time.sleep(1)
-        print(f"server ready in {time.time() - start:.0f}s", flush=True)
-        client = OpenAI(base_url=f"{url}/v1", api_key="demo")
-        created = requests.post(f"{url}/v1/video/streams", json={"config": DEMO_CONFIG}).json()
-        stream_id, owner = created["id"], {"X-Stream-Token": created["token"]}
-        frames = render_frames(args.frames)
-        with tqdm(total=args.frames, unit="frame", desc="streaming") as bar:
-            for sent in range(0, args.frames, args.batch):
-                batch = frames[sent:sent + args.batch]
-                files = [("frames", (f"{sent + i}.jpg", _jpeg(f), "image/jpeg")) for i, f in enumerate(batch)]
-                last = sent + args.batch >= args.frames  # the last push waits for the backlog to be encoded
-                requests.post(f"{url}/v1/video/streams/{stream_id}/frames", files=files, headers=owner,
-                              params={"wait": "true"} if last else None).raise_for_status()
-                bar.update(len(batch))
-                done = sent + len(batch)
-                if done % args.ask_every == 0 or done >= args.frames:
-                    rows.append(_ask(client, url, model, stream_id, owner, QUESTIONS[len(rows) % len(QUESTIONS)],
-                                     done, args.max_tokens))
-                    bar.set_postfix(ttft_ms=f"{rows[-1]['ttft_ms']:.0f}")
-        requests.delete(f"{url}/v1/video/streams/{stream_id}", headers=owner).raise_for_status()
+        if args.no_browser:
+            _print_table(_stream_and_ask(url, model, args))
+        else:
+            _console(server, url)
     finally:
         server.send_signal(signal.SIGINT)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-    _print_table(rows)
+
+
+def _start_server(model: str, port: int) -> tuple[subprocess.Popen, str]:
+    """`vllm-livevlm serve` on a loopback port, once it answers /health."""
+    import requests
+
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-livevlm-demo-", suffix=".log", delete=False)
+    print(f"starting vllm-livevlm serve {model} on {url} (log: {log.name}) ...", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "vllm_livevlm.cli", "serve", model, "--host", "127.0.0.1",
+                               "--port", str(port), "--livevlm-config", json.dumps(DEMO_CONFIG)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    start = time.time()
+    while True:
+        if server.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"the server exited:\n{log.read()[-3000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.time() - start > 300:
+            server.kill()
+            raise SystemExit("the server did not start within 300 s")
+        time.sleep(1)
+    print(f"server ready in {time.time() - start:.0f}s", flush=True)
+    return server, url
+
+
+def _console(server: subprocess.Popen, url: str) -> None:
+    """Open the console in its demo mode (`#demo`: the page streams a test pattern of moving shapes and asks
+    a question every 20 s) and serve until Ctrl-C."""
+    from vllm_livevlm.serving.console import PREFIX
+
+    page = f"{url}{PREFIX}/#demo"
+    print(f"LiveVLM console: {page}", flush=True)
+    if _has_browser() and webbrowser.open(page):
+        print("opened in your browser; Ctrl-C stops the server", flush=True)
+    else:
+        print("no browser here: open that URL in one (e.g. through `ssh -L PORT:127.0.0.1:PORT`); "
+              "Ctrl-C stops the server", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: the server is shut down
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        print("stopping the server", flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _has_browser() -> bool:
+    """A graphical browser can be opened (not a text one taking over this terminal on a headless box)."""
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _stream_and_ask(url: str, model: str, args: argparse.Namespace) -> list[dict]:
+    """The terminal demo: a synthetic video pushed batch by batch, a question every `ask_every` frames."""
+    import requests
+    from openai import OpenAI
+    from tqdm import tqdm
+
+    rows = []
+    client = OpenAI(base_url=f"{url}/v1", api_key="demo")
+    created = requests.post(f"{url}/v1/video/streams", json={"config": DEMO_CONFIG}).json()
+    stream_id, owner = created["id"], {"X-Stream-Token": created["token"]}
+    frames = render_frames(args.frames)
+    with tqdm(total=args.frames, unit="frame", desc="streaming") as bar:
+        for sent in range(0, args.frames, args.batch):
+            batch = frames[sent:sent + args.batch]
+            files = [("frames", (f"{sent + i}.jpg", _jpeg(f), "image/jpeg")) for i, f in enumerate(batch)]
+            last = sent + args.batch >= args.frames  # the last push waits for the backlog to be encoded
+            requests.post(f"{url}/v1/video/streams/{stream_id}/frames", files=files, headers=owner,
+                          params={"wait": "true"} if last else None).raise_for_status()
+            bar.update(len(batch))
+            done = sent + len(batch)
+            if done % args.ask_every == 0 or done >= args.frames:
+                rows.append(_ask(client, url, model, stream_id, owner, QUESTIONS[len(rows) % len(QUESTIONS)],
+                                 done, args.max_tokens))
+                bar.set_postfix(ttft_ms=f"{rows[-1]['ttft_ms']:.0f}")
+    requests.delete(f"{url}/v1/video/streams/{stream_id}", headers=owner).raise_for_status()
+    return rows
 
 
 def _ask(client, url: str, model: str, stream_id: str, owner: dict[str, str], question: str, sent: int, max_tokens: int) -> dict:

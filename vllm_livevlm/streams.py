@@ -17,14 +17,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vllm_livevlm.clock import Sampled, StreamClock
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
 from vllm_livevlm.frames import to_frame_array
 from vllm_livevlm.log import get_logger
+
+if TYPE_CHECKING:
+    from vllm_livevlm.portable.stream_file import StreamFile
 
 logger = get_logger(__name__)
 
@@ -61,6 +65,9 @@ class Answer:
     # Per layer, the (first frame, last frame) of each long-term page the question read, in order.
     retrieved_pages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     retrieved_page_indices: dict[int, list[int]] = field(default_factory=dict)  # page numbers, same order
+    # The same pages' (first, last) times in seconds on the stream clock (`vllm_livevlm.clock`).
+    retrieved_times: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    covered_until: float | None = None  # time of the last frame in memory
     timings: dict[str, float] = field(default_factory=dict)  # seconds: flush, ttft, total, retrieval
     # Set when the question read a later version than it was prepared on (its own waited behind a clip, or
     # vLLM preempted and recomputed it), or was asked a second time because that version was gone.
@@ -86,8 +93,6 @@ def engine_args_for(model: str, config: LiveVLMConfig, tokens_per_frame: int, **
         "worker_extension_cls": "vllm_livevlm.worker.LiveVLMWorkerExtension",
         # Placeholder prefixes are identical across streams: prefix caching would serve wrong KV.
         "enable_prefix_caching": False,
-        # Scoring and slot filling are Python inside the attention layers.
-        "enforce_eager": True,
         # A clip must be prefilled in one step (its vision-to-vision scores need all of its queries).
         "max_num_batched_tokens": max(clip_tokens + 512, 8192),
         "disable_chunked_mm_input": True,
@@ -123,6 +128,7 @@ class StreamEngine:
         self.placeholder_token_id = (self.tokenizer.pad_token_id
                                      or self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
         self.streams: dict[str, LiveStream] = {}
+        self._fingerprint: dict[str, Any] | None = None
 
     def resolve_config(self, overrides: LiveVLMConfig | dict | str | None) -> LiveVLMConfig:
         """The engine's config with a stream's overrides applied, checked against what the engine can run."""
@@ -154,6 +160,40 @@ class StreamEngine:
             raise
         self.streams[stream.id] = stream
         return stream
+
+    async def import_stream(self, data: bytes, stream_id: str | None = None,
+                            max_bytes: int | None = None) -> tuple["LiveStream", dict[str, Any]]:
+        """Open a stream from a stream file (`vllm_livevlm.portable`) with the memory and state it holds; its
+        pending frames are queued and encoded as usual. Returns the stream and the file's header. A fresh id
+        unless `stream_id` (an existing one is refused); `max_bytes` bounds the file (default: its size).
+        Raises `StreamFileError` (a ValueError) naming what is wrong with the file; nothing is half-loaded."""
+        from vllm_livevlm.portable.stream_file import unpack
+
+        fingerprint = await self.fingerprint()
+        stream_file = await asyncio.to_thread(unpack, data, len(data) if max_bytes is None else max_bytes, fingerprint)
+        stream_id = stream_id or secrets.token_hex(16)
+        if stream_id in self.streams:
+            raise ValueError(f"stream {stream_id!r} already exists")
+        stream = LiveStream.from_portable(self, stream_id, stream_file)
+        payload = await asyncio.to_thread(stream_file.memory_payload, stream.config)
+        try:
+            await self.rpc("livevlm_import_stream", stream.id, stream.config.to_dict(), payload)
+        except Exception as e:  # the worker's checks; engine-process errors arrive untyped
+            from vllm_livevlm.portable.format import StreamFileError
+
+            raise StreamFileError(f"the engine refused the stream's memory: {e}") from None
+        self.streams[stream.id] = stream
+        return stream, stream_file.header
+
+    async def export_shards(self, stream_id: str) -> list[dict[str, Any]]:
+        """Every tensor-parallel rank's shard of the stream's memory (`livevlm_export_stream`)."""
+        return await self.engine.collective_rpc("livevlm_export_stream", args=(stream_id,))
+
+    async def fingerprint(self) -> dict[str, Any]:
+        """The model a stream file must come from (asked of the engine once)."""
+        if self._fingerprint is None:
+            self._fingerprint = await self.rpc("livevlm_fingerprint")
+        return self._fingerprint
 
     async def engine_stats(self) -> dict[str, Any]:
         """Store bytes across streams and (single-process engines) the paged pool's free blocks."""
@@ -220,37 +260,56 @@ class LiveStream:
         self.frames_received = 0
         self.frames_encoded = 0
         self.frames_dropped = 0  # by backpressure (`drop_oldest_pending`)
+        self.frames_sampled_out = 0  # received faster than `sample_fps`
+        self.clock = StreamClock(config.sample_fps)
         self.clips_encoded = 0
         self.closed = False
         self._pending: list[np.ndarray] = []  # queued, oldest first
         self._pending_since: list[float] = []  # arrival time of each queued frame
+        self._pending_times: list[float] = []  # stream-clock time of each queued frame
         self._in_flight = 0  # frames of the clip being encoded: back to the queue unless committed
+        self._flight_times: list[float] = []  # their times
         self._frame_shape: tuple[int, ...] | None = None
         self._history: list[tuple[str, str]] = []  # earlier (question, answer) turns, text only
         self._clip_lock = asyncio.Lock()
         self._clip_request: str | None = None  # the clip request in the engine, aborted by `close`
 
     # ---- frames --------------------------------------------------------------------------------------
-    def accept(self, frames: Any, timestamps: Any = None) -> int:
-        """Validate frames and buffer them; returns how many were accepted. Encoding is `encode_ready`."""
+    def sample(self, count: int, timestamps: Any = None, offsets: Any = None, skipped: int = 0,
+               until: float | None = None) -> Sampled:
+        """The times of a push of `count` frames and which of them the stream's rate keeps (`StreamClock`);
+        raises `TimestampError` naming the frame; changes nothing."""
+        self.check_open()
+        return self.clock.sample(count, timestamps, offsets, skipped, until)
+
+    def accept(self, frames: Any, timestamps: Any = None, offsets: Any = None,
+               sampled: Sampled | None = None) -> tuple[int, int]:
+        """Validate frames, sample them to the stream's rate and buffer those kept; returns (accepted, sampled
+        out). Nothing of a push that fails is kept. `sampled`: this push's `sample`, if the caller has it.
+        Encoding is `encode_ready`."""
         self.check_open()
         batch = to_frame_array(frames)
-        if timestamps is not None and len(timestamps) != batch.shape[0]:
-            raise ValueError(f"got {batch.shape[0]} frames but {len(timestamps)} timestamps")
+        sampled = sampled or self.sample(batch.shape[0], timestamps, offsets)
+        if len(sampled.keep) != batch.shape[0]:
+            raise ValueError(f"got {batch.shape[0]} frames but times for {len(sampled.keep)}")
         if self._frame_shape is None:
             self._frame_shape = batch.shape[1:]
         elif batch.shape[1:] != self._frame_shape:
             raise ValueError(f"frames of this stream are {list(self._frame_shape)}, got {list(batch.shape[1:])}")
-        self._pending.extend(batch)
-        self._pending_since.extend([time.time()] * batch.shape[0])
-        self.frames_received += batch.shape[0]
+        self.clock.advance(sampled)
+        kept = batch[sampled.keep]
+        self._pending.extend(kept)
+        self._pending_since.extend([time.time()] * len(kept))
+        self._pending_times.extend(sampled.kept_times.tolist())
+        self.frames_received += batch.shape[0] + sampled.skipped
+        self.frames_sampled_out += sampled.sampled_out
         self.touch()
-        return batch.shape[0]
+        return len(kept), sampled.sampled_out
 
     def drop_oldest_pending(self, count: int) -> int:
         """Drop up to `count` of the oldest frames not yet encoded (backpressure); returns how many."""
         count = max(0, min(count, len(self._pending)))
-        del self._pending[:count], self._pending_since[:count]
+        del self._pending[:count], self._pending_since[:count], self._pending_times[:count]
         self.frames_dropped += count
         return count
 
@@ -315,7 +374,6 @@ class LiveStream:
         history = self._history[-self.config.history_turns:] if self.config.history_turns else []
         turn = "".join(HISTORY_TURN.format(question=q, answer=a) for q, a in history)
         turn += QUESTION_TURN.format(question=question)
-        question_tokens = self.engine.tokenizer.encode(turn, add_special_tokens=False)
         first_token_at: float | None = None
         sent = 0
 
@@ -337,6 +395,8 @@ class LiveStream:
                 await self._unpin(req_id)
                 raise
             params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"])
+            question_tokens = self.engine.tokenizer.encode(self.time_instruction(snapshot["frames"]) + turn,
+                                                           add_special_tokens=False)
             prompt = {"prompt_token_ids": [self.engine.placeholder_token_id] * params.context_tokens + question_tokens}
             try:
                 output, report = await self.engine.submit(prompt, sampling, req_id, params, on_output)
@@ -357,6 +417,7 @@ class LiveStream:
         frames_covered = report.get("frames_covered", snapshot["frames"])
         end = time.perf_counter()
         completion = output.outputs[0]
+        pages = {int(layer): [tuple(r) for r in ranges] for layer, ranges in report.get("pages", {}).items()}
         if self.config.history_turns:
             self._history = (self._history + [(question, completion.text)])[-self.config.history_turns:]
         return Answer(
@@ -364,29 +425,128 @@ class LiveStream:
             prompt_tokens=len(output.prompt_token_ids),
             prompt_tokens_computed=len(output.prompt_token_ids) - (output.num_cached_tokens or 0),
             finish_reason=completion.finish_reason,
-            retrieved_pages={int(layer): [tuple(r) for r in ranges] for layer, ranges in report.get("pages", {}).items()},
+            retrieved_pages=pages,
             retrieved_page_indices={int(layer): list(p) for layer, p in report.get("page_indices", {}).items()},
+            retrieved_times={layer: [(self.frame_time(first), self.frame_time(last)) for first, last in ranges]
+                             for layer, ranges in pages.items()},
+            covered_until=self.frame_time(frames_covered - 1) if frames_covered else None,
             timings={"flush": flushed - start, "ttft": (first_token_at or end) - flushed, "total": end - start,
                      "retrieval": report.get("seconds", 0.0)},
             repinned_version=report.get("repinned_version"), reasked=reasks > 0)
 
+    def time_instruction(self, frames: int) -> str:
+        """LLaVA-Video's time instruction (the text its OneVision checkpoints were evaluated with, lmms-eval
+        `add_time_instruction`; it follows the video, before the question) for the first `frames` stream
+        frames: at most `time_prompt_frames` of their times, evenly spread, in seconds from the first frame.
+        Empty when the knob is 0 (the default: the prompt is then exactly vanilla's)."""
+        listed = min(self.config.time_prompt_frames, frames)
+        if not listed:
+            return ""
+        start = self.frame_time(0)
+        picks = np.linspace(0, frames - 1, listed).round().astype(int).tolist()
+        located = ",".join(f"{self.frame_time(i) - start:.2f}s" for i in picks)
+        return (f"The video lasts for {self.frame_time(frames - 1) - start:.2f} seconds, and {listed} frames are "
+                f"uniformly sampled from it. These frames are located at {located}.Please answer the following "
+                "questions related to this video.\n")
+
+    def frame_time(self, frame: int) -> float:
+        """The stream-clock time of stream frame `frame`, also for the clip in flight (the memory may hold it
+        before this front end has settled it)."""
+        encoded = self.clock.encoded
+        return encoded[frame] if frame < len(encoded) else self._flight_times[frame - len(encoded)]
+
     # ---- state --------------------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
-        """The memory's stats and the frame counters; `frames_received == frames_encoded + pending_frames +
-        frames_dropped` always holds."""
+        """The memory's stats, the frame counters and `covered_until` (the time of the last frame encoded);
+        `frames_received == frames_encoded + pending_frames + frames_dropped + frames_sampled_out` always holds."""
         self.check_open()
         stats = await self._rpc("livevlm_stats", self.id)
         self.check_open()  # closed while the RPC ran: its queue is gone, the counters describe nothing
         stats.update(pending_frames=self.pending_frames, pending_bytes=self.pending_bytes,
                      frames_received=self.frames_received, frames_encoded=self.frames_encoded,
-                     frames_dropped=self.frames_dropped)
+                     frames_dropped=self.frames_dropped, frames_sampled_out=self.frames_sampled_out,
+                     covered_until=self.clock.covered_until())
         return stats
 
     async def kept_tokens(self) -> dict[str, Any]:
         """Which stream tokens the memory holds: `long_term[layer][kv_head]` and `short_term` token ids
-        (clip tokens numbered from 0 in arrival order, one newline token closing each clip)."""
+        (clip tokens numbered from 0 in arrival order, one newline token closing each clip), the stream frame
+        of each (`*_frames`, same layout) and that frame's time in seconds (`*_seconds`)."""
         self.check_open()
-        return await self._rpc("livevlm_kept_tokens", self.id)
+        kept = await self._rpc("livevlm_kept_tokens", self.id)
+        kept["long_term_seconds"] = [[[self.frame_time(f) for f in head] for head in layer]
+                                     for layer in kept["long_term_frames"]]
+        kept["short_term_seconds"] = [self.frame_time(f) for f in kept["short_term_frames"]]
+        return kept
+
+    # ---- portability (`vllm_livevlm.portable`) ----------------------------------------------------------------
+    def portable_state(self) -> dict[str, Any]:
+        """What the front end knows of the stream, JSON-able (the stream file's `stream` header; the memory
+        is the engine's, the pending frames and frame times are `portable_tensors`)."""
+        clock = self.clock
+        return {"id": self.id, "config": self.config.to_dict(), "system_prompt": self.system_prompt,
+                "created": self.created, "history": [list(turn) for turn in self._history],
+                "counters": {"frames_received": self.frames_received, "frames_encoded": self.frames_encoded,
+                             "frames_dropped": self.frames_dropped, "frames_sampled_out": self.frames_sampled_out,
+                             "clips_encoded": self.clips_encoded},
+                "frame_shape": list(self._frame_shape) if self._frame_shape is not None else None,
+                "clock": {"origin": clock.origin, "last": clock.last, "last_slot": clock.last_slot}}
+
+    def portable_tensors(self) -> dict[str, Any]:
+        """The frames received and not encoded yet (as the stream keeps them) with their times, and the times
+        of the encoded frames."""
+        import torch
+
+        from vllm_livevlm.portable.format import ENCODED_TIMES, PENDING_FRAMES, PENDING_TIMES
+
+        frames = (torch.from_numpy(np.stack(self._pending)) if self._pending
+                  else torch.zeros((0, *(self._frame_shape or (0, 0, 3))), dtype=torch.uint8))
+        return {PENDING_FRAMES: frames, PENDING_TIMES: torch.tensor(self._pending_times, dtype=torch.float64),
+                ENCODED_TIMES: torch.tensor(self.clock.encoded, dtype=torch.float64)}
+
+    async def export_bytes(self, owner_token_sha256: str | None = None) -> bytes:
+        """The stream as a stream file: its latest memory and its front-end state, taken together between
+        clips (a clip in flight commits first), so both describe the same frames. The engine is blocked
+        only for the export RPC's copies; the file is built in a thread."""
+        from vllm_livevlm.portable.stream_file import pack
+
+        self.check_open()
+        fingerprint = await self.engine.fingerprint()
+        async with self._clip_lock:
+            self.check_open()
+            try:
+                shards = await self.engine.export_shards(self.id)
+            except Exception as e:
+                self._raise_if_closed(e)
+                raise
+            state, tensors = self.portable_state(), self.portable_tensors()
+        return await asyncio.to_thread(pack, fingerprint, shards, state, tensors, owner_token_sha256)
+
+    @classmethod
+    def from_portable(cls, engine: StreamEngine, stream_id: str, stream_file: "StreamFile") -> "LiveStream":
+        """A stream with the front-end state of a checked `StreamFile` (its memory is installed by the caller)."""
+        from vllm_livevlm.portable.format import ENCODED_TIMES, PENDING_FRAMES, PENDING_TIMES, StreamFileError
+
+        state = stream_file.state
+        try:
+            config = engine.resolve_config(state["config"])
+        except ValueError as e:
+            raise StreamFileError(f"the stream's config cannot run here: {e}") from None
+        if engine.sink_tokens(state["system_prompt"]) != stream_file.sink_tokens:
+            raise StreamFileError(f"the memory holds {stream_file.sink_tokens} sink tokens; this tokenizer makes the "
+                                  f"system prompt {engine.sink_tokens(state['system_prompt'])}")
+        stream = cls(engine, stream_id, config, state["system_prompt"])
+        for name, value in state["counters"].items():
+            setattr(stream, name, value)
+        stream._history = [tuple(turn) for turn in state["history"]][-config.history_turns:] if config.history_turns else []
+        stream._frame_shape = tuple(state["frame_shape"]) if state["frame_shape"] is not None else None
+        stream._pending = list(stream_file.front[PENDING_FRAMES].numpy())
+        stream._pending_times = stream_file.front[PENDING_TIMES].tolist()
+        stream._pending_since = [time.time()] * len(stream._pending)
+        clock = stream.clock
+        clock.origin, clock.last, clock.last_slot = (state["clock"][k] for k in ("origin", "last", "last_slot"))
+        clock.encoded.extend(stream_file.front[ENCODED_TIMES].tolist())
+        return stream
 
     async def close(self) -> int:
         """Free the stream's memory; returns the bytes freed. Closing twice is harmless."""
@@ -395,6 +555,7 @@ class LiveStream:
         self.closed = True
         self._pending.clear()
         self._pending_since.clear()
+        self._pending_times.clear()
         self.engine.streams.pop(self.id, None)
         try:
             if self._clip_request is not None:
@@ -447,9 +608,9 @@ class LiveStream:
             if num_frames == 0 or (not flush and num_frames < self.config.clip_frames):
                 return None
             frames = np.stack(self._pending[:num_frames])
-            since = self._pending_since[:num_frames]
-            del self._pending[:num_frames], self._pending_since[:num_frames]
-            self._in_flight = num_frames
+            since, times = self._pending_since[:num_frames], self._pending_times[:num_frames]
+            del self._pending[:num_frames], self._pending_since[:num_frames], self._pending_times[:num_frames]
+            self._in_flight, self._flight_times = num_frames, times
             start = time.perf_counter()
             req_id = f"lv-clip-{self.id}-{self.clips_encoded}-{uuid.uuid4().hex[:8]}"
             output = None
@@ -461,7 +622,7 @@ class LiveStream:
                     raise
                 raise StreamFailed(f"clip request {req_id} failed: {e}") from e
             finally:
-                committed = await self._settle_clip(req_id, output, frames, since)
+                committed = await self._settle_clip(req_id, output, frames, since, times)
             if self.closed:
                 raise StreamClosed(f"stream {self.id} was closed while encoding")
             if not committed:
@@ -486,7 +647,8 @@ class LiveStream:
             self._clip_request = None
         return output
 
-    async def _settle_clip(self, req_id: str, output: Any, frames: np.ndarray, since: list[float]) -> bool:
+    async def _settle_clip(self, req_id: str, output: Any, frames: np.ndarray, since: list[float],
+                           times: list[float]) -> bool:
         """Whether the memory committed the clip; counts its frames as encoded, or queues them again. A clip
         that finished normally is committed; one aborted, cancelled or failed is asked of the store (it may
         have run before the abort)."""
@@ -499,14 +661,15 @@ class LiveStream:
             logger.warning("stream %s: could not tell whether clip %s was committed; its frames are queued "
                            "again", self.id, req_id, exc_info=True)
         finally:
-            self._in_flight = 0
+            self._in_flight, self._flight_times = 0, []
             if self.closed:
                 committed = False  # `close` dropped the queue: the frames go with it
             elif committed:
                 self.frames_encoded += len(frames)
                 self.clips_encoded += 1
+                self.clock.encoded.extend(times)
             else:
-                self._pending[:0], self._pending_since[:0] = list(frames), since
+                self._pending[:0], self._pending_since[:0], self._pending_times[:0] = list(frames), since, times
         return committed
 
 

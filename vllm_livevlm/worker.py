@@ -6,9 +6,12 @@ tensor-parallel rank opens, pins and frees the same streams.
 
 from __future__ import annotations
 
+import hashlib
+import time
 from typing import Any
 
 import torch
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
 from vllm_livevlm.config import LiveVLMConfig
@@ -16,6 +19,9 @@ from vllm_livevlm.connector.connector import LiveVLMConnector, scheduler_connect
 from vllm_livevlm.connector.params import RequestKind
 from vllm_livevlm.connector.store import SessionStore
 from vllm_livevlm.measure import process_memory, reachable_storage_bytes
+from vllm_livevlm.memory.stream import COUNTERS, StreamMemory
+from vllm_livevlm.portable.format import MEMORY_TENSORS
+from vllm_livevlm.portable.wire import from_wire, to_wire
 
 
 def _connector() -> LiveVLMConnector:
@@ -63,10 +69,11 @@ class LiveVLMWorkerExtension:
         return _store().stats(stream_id)
 
     def livevlm_kept_tokens(self, stream_id: str) -> dict[str, Any]:
-        """Stream token ids in memory: long-term per layer (and KV head), short-term."""
+        """Stream token ids in memory: long-term per layer (and KV head), short-term; and their stream frames."""
         store = _store()
         memory = store.snapshot(stream_id, store.stats(stream_id)["version"])
-        return {"long_term": memory.ltm_ids.tolist(), "short_term": memory.stm_ids.tolist()}
+        return {"long_term": memory.ltm_ids.tolist(), "short_term": memory.stm_ids.tolist(),
+                "long_term_frames": memory.ltm_frames.tolist(), "short_term_frames": memory.stm_frames.tolist()}
 
     def livevlm_memory_snapshot(self, stream_id: str) -> dict[str, Any]:
         """The stream's latest memory (raw keys/values, token ids, frames), what the fidelity measures read
@@ -75,11 +82,54 @@ class LiveVLMWorkerExtension:
         store = _store()
         memory = store.snapshot(stream_id, store.stats(stream_id)["version"])
         names = ("sinks_k", "sinks_v", "ltm_k", "ltm_v", "ltm_ids", "ltm_frames", "stm_k", "stm_v", "stm_ids", "stm_frames")
-        tensors = {name: getattr(memory, name).detach().cpu().contiguous() for name in names}
-        return {"tensors": {name: (str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes())
-                            for name, t in tensors.items()},
+        return {"tensors": {name: to_wire(getattr(memory, name)) for name in names},
                 "page_tokens": memory.config.page_tokens, "retrieve_ratio": memory.config.retrieve_ratio,
                 "tokens_seen": memory.tokens_seen}
+
+    def livevlm_fingerprint(self) -> dict[str, Any]:
+        """The model a stream file must come from (`vllm_livevlm.portable`): architecture, KV shape and dtype,
+        tensor-parallel size, and a hash of the weights' metadata (names, dtypes, shapes and first values of
+        this rank's parameters: another checkpoint of the same architecture differs there)."""
+        model_config = self.vllm_config.model_config
+        digest = hashlib.sha256()
+        for name, param in sorted(self.get_model().named_parameters()):
+            head = param.detach().flatten()[:16].to("cpu", torch.float64)
+            digest.update(f"{name}|{param.dtype}|{list(param.shape)}|".encode() + head.numpy().tobytes())
+        layers, kv_heads, head_dim = self._kv_shape()
+        return {"architecture": (model_config.architectures or ["?"])[0], "layers": layers, "kv_heads": kv_heads,
+                "head_dim": head_dim, "dtype": str(model_config.dtype).removeprefix("torch."),
+                "weights_sha256": digest.hexdigest(), "tp_size": get_tensor_model_parallel_world_size()}
+
+    def _kv_shape(self) -> tuple[int, int, int]:
+        """Layers, KV heads (all ranks) and head dim of the language model."""
+        text = self.vllm_config.model_config.hf_config.get_text_config()
+        return (text.num_hidden_layers, text.num_key_value_heads,
+                getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+
+    def livevlm_export_stream(self, stream_id: str) -> dict[str, Any]:
+        """This rank's shard of everything the stream's memory holds (every snapshot tensor, its version and
+        counters), as copies in wire form (`to_wire`), and `blocked_seconds`, what the copies took (measured: the
+        engine waits for them). Copies only, no serialisation."""
+        start = time.perf_counter()
+        memory = _store().export_state(stream_id)
+        tensors = {name: to_wire(getattr(memory, name)) for name in MEMORY_TENSORS}
+        return {"rank": get_tensor_model_parallel_rank(), "version": memory.version,
+                "counters": {name: getattr(memory, name) for name in COUNTERS}, "tensors": tensors,
+                "blocked_seconds": time.perf_counter() - start}
+
+    def livevlm_import_stream(self, stream_id: str, config: dict[str, Any], payload: dict[str, Any]) -> None:
+        """Install stream `stream_id` with the memory of an export: `payload` = {"version", "counters",
+        "shards": one `tensors` dict (wire form) per tensor-parallel rank}. Refused (ValueError) unless the
+        shapes fit this model and `config`; an existing id is refused."""
+        size, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        if len(payload["shards"]) != size:
+            raise ValueError(f"the stream has {len(payload['shards'])} tensor-parallel shards; this engine runs {size}")
+        layers, kv_heads, head_dim = self._kv_shape()
+        shape = (layers, kv_heads // size, head_dim)
+        tensors = {name: from_wire(wire, self.device) for name, wire in payload["shards"][rank].items()}
+        memory = StreamMemory.from_tensors(LiveVLMConfig.from_dict(config), payload["version"], tensors,
+                                           payload["counters"], shape, self.vllm_config.model_config.dtype)
+        _store().import_state(stream_id, memory)
 
     def livevlm_memory_probe(self, reset_peak: bool = False) -> dict[str, int]:
         """Measured, not computed (the benchmark's "measured" column): the distinct tensor storages the

@@ -28,7 +28,7 @@ from vllm_livevlm.log import get_logger
 
 if TYPE_CHECKING:
     import torch
-    from vllm.config import VllmConfig
+    from vllm.config import CompilationConfig, VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -67,11 +67,36 @@ def check_engine_settings(vllm_config: "VllmConfig") -> None:
     if vllm_config.parallel_config.data_parallel_size > 1:
         problems.append("--data-parallel-size > 1: a stream's memory lives in one engine; run replicas "
                         "(vllm-livevlm serve-ray) instead")
-    if not vllm_config.model_config.enforce_eager:
-        problems.append("--enforce-eager is required: compiled mode traces the Python attention hooks away, "
-                        "so clips would silently never be committed")
+    cudagraph_problem = _cudagraph_problem(vllm_config.compilation_config)
+    if cudagraph_problem is not None:
+        problems.append(cudagraph_problem)
     if problems:
         raise ValueError("LiveVLM cannot run with these engine settings:\n- " + "\n- ".join(problems))
+
+
+def _cudagraph_problem(compilation_config: "CompilationConfig") -> str | None:
+    """Compiled graphs call the LiveVLM op (`livevlm::rotary_with_hooks`) at every forward, so any
+    compilation mode works; a CUDA graph replays only what it captured, so the op must run outside graphs
+    wherever a step can carry LiveVLM work: prefills (mixed batches) run eager or piecewise with the op as a
+    splitting op. Decode-only batches may replay full graphs: a clip or question's first step computes its
+    whole turn (the hooks do nothing on decode steps). The one exception: a sinks prefix the scheduler split
+    down to a last single token, batched with decodes only, loses that token's capture; the stream then
+    fails loudly at its first clip ("no memory yet"), no other stream is touched."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    from vllm_livevlm.model.ops import OP_NAME
+
+    mode = compilation_config.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return None
+    if mode.mixed_mode() == CUDAGraphMode.FULL:
+        return (f"-cc.cudagraph_mode={mode.name}: full CUDA graphs of prefill batches would replay LiveVLM "
+                "clips and questions without their hooks (use FULL_AND_PIECEWISE, PIECEWISE or --enforce-eager)")
+    if mode.has_piecewise_cudagraphs() and (compilation_config.mode != CompilationMode.VLLM_COMPILE
+                                            or OP_NAME not in (compilation_config.splitting_ops or [])):
+        return (f"-cc.splitting_ops must include {OP_NAME} for piecewise CUDA graphs (the plugin adds it unless "
+                "splitting_ops is set explicitly): a captured op would never run")
+    return None
 
 
 class LiveVLMConnector(KVConnectorBase_V1):

@@ -137,9 +137,10 @@ class StepRequests:
         a.captured_v.clear()
         a.scores.clear()
 
-    # ---- per layer, called by LiveVLMQwen2Attention ---------------------------------------------------------
+    # ---- per layer, called by the `livevlm::rotary_with_hooks` op (vllm_livevlm.model.ops) ------------------
     def before_attention(self, layer: int, attn, rotary_emb, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor) -> None:
+        """`rotary_emb(positions, keys, None)` rotates in place (the layer's own RoPE kernel)."""
         for a in self.active:
             if a.failed is None:
                 try:

@@ -78,6 +78,22 @@ class SessionStore:
                 raise ValueError(f"stream {stream_id!r} already exists")
             self._streams[stream_id] = _Stream(config)
 
+    def import_state(self, stream_id: str, memory: StreamMemory) -> None:
+        """Install a stream with `memory` as its latest version (an imported or restored stream)."""
+        with self._lock:
+            if stream_id in self._streams:
+                raise ValueError(f"stream {stream_id!r} already exists")
+            self._streams[stream_id] = _Stream(memory.config, {memory.version: memory})
+
+    def export_state(self, stream_id: str) -> StreamMemory:
+        """The stream's latest memory, what an export writes (immutable: it stays valid after later clips)."""
+        with self._lock:
+            stream = self._get(stream_id)
+            if stream.closed or stream.failure is not None or stream.latest is None:
+                raise ValueError(f"stream {stream_id!r} cannot be exported: it is "
+                                 + ("closed" if stream.closed else "failed" if stream.failure else "not encoded yet"))
+            return stream.latest
+
     def close(self, stream_id: str) -> int:
         """Drop a stream and everything it holds; returns the bytes freed. Versions that requests still in
         the engine have pinned stay until those requests are released (a question racing the close reads

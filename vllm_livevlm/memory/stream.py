@@ -23,6 +23,7 @@ from vllm_livevlm.memory.retrieval import PageLayout, page_summaries
 from vllm_livevlm.memory.vsb import VisionSinkBucketing
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+COUNTERS = ("frames_seen", "clips", "tokens_seen", "ltm_candidates")  # a snapshot's counters (exports carry them)
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,51 @@ class StreamMemory:
         empty_summary = torch.zeros((layers, 0, heads, dim), dtype=torch.float32, device=k.device)
         return cls(config, 1, k, v, empty_kv, empty_kv, empty_score, empty_ids, empty_ids, empty_summary,
                    empty_kv, empty_kv, empty_score, empty_1d, empty_1d)
+
+    @classmethod
+    def from_tensors(cls, config: LiveVLMConfig, version: int, tensors: dict[str, torch.Tensor],
+                     counters: dict[str, int], kv_shape: tuple[int, int, int], kv_dtype: torch.dtype) -> "StreamMemory":
+        """A snapshot rebuilt from exported tensors (`vllm_livevlm.portable`), refused (ValueError) unless it has
+        the shapes of this model (`kv_shape` = layers, KV heads here, head dim; `kv_dtype`) and config and the
+        invariants a committed snapshot keeps: an imported stream never holds more than its budget allows."""
+        names = [f.name for f in fields(cls) if f.type == "torch.Tensor"]
+        if set(tensors) != set(names) or set(counters) != set(COUNTERS):
+            raise ValueError(f"a stream's memory is the tensors {names} and the counters {list(COUNTERS)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (version, *counters.values())) \
+                or version < 1:
+            raise ValueError(f"version {version!r} and counters {counters!r} must be non-negative integers (version >= 1)")
+        memory = cls(config, version, **tensors, **counters)
+        memory._check_layout(kv_shape, kv_dtype)
+        return memory
+
+    def _check_layout(self, kv_shape: tuple[int, int, int], kv_dtype: torch.dtype) -> None:
+        layers, heads, dim = kv_shape
+        s, n, m = self.num_sinks, self.num_ltm, self.num_stm
+        expect = {"sinks_k": ((layers, s, heads, dim), kv_dtype), "sinks_v": ((layers, s, heads, dim), kv_dtype),
+                  "ltm_k": ((layers, n, heads, dim), kv_dtype), "ltm_v": ((layers, n, heads, dim), kv_dtype),
+                  "ltm_score": ((layers, n, heads), torch.float32), "ltm_ids": ((layers, heads, n), torch.long),
+                  "ltm_frames": ((layers, heads, n), torch.long),
+                  "ltm_summary": ((layers, n // self.config.page_tokens, heads, dim), torch.float32),
+                  "stm_k": ((layers, m, heads, dim), kv_dtype), "stm_v": ((layers, m, heads, dim), kv_dtype),
+                  "stm_score": ((layers, m, heads), torch.float32), "stm_ids": ((m,), torch.long),
+                  "stm_frames": ((m,), torch.long)}
+        for name, (shape, dtype) in expect.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"{name} is {tensor.dtype} {list(tensor.shape)}; this model and config need "
+                                 f"{dtype} {list(shape)}")
+        budget = self.config.long_term_budget_tokens
+        if budget is not None and n > budget:
+            raise ValueError(f"{n} long-term tokens, over the config's long_term_budget_tokens={budget}")
+        if n + m > self.tokens_seen or self.clips > self.frames_seen:
+            raise ValueError(f"the memory keeps {n + m} tokens of {self.tokens_seen} seen, {self.clips} clips of "
+                             f"{self.frames_seen} frames: counters and tensors disagree")
+        ids, frames = torch.cat([self.ltm_ids.flatten(), self.stm_ids]), torch.cat([self.ltm_frames.flatten(), self.stm_frames])
+        first_stm = self.frames_seen - self.config.short_term_frames
+        if bool(((ids < 0) | (ids >= self.tokens_seen) | (frames < 0) | (frames >= self.frames_seen)).any()) \
+                or bool((self.stm_frames < first_stm).any()):
+            raise ValueError("token ids or frame indices lie outside what the stream has seen (or short-term "
+                             "memory holds frames older than short_term_frames)")
 
     # ---- sizes --------------------------------------------------------------------------------------
     @property

@@ -1,55 +1,35 @@
 """Qwen2 whose attention serves LiveVLM streams (the language model inside LiveVLM LLaVA-OneVision).
 
-Same weights, same math as vLLM's Qwen2 for ordinary requests. When the step carries LiveVLM requests
-(`LiveVLMConnector`), each attention layer, before vLLM's own attention runs:
-- fills those requests' context slots (sinks, long-term, short-term memory; raw keys rotated once to the
-  slot positions) in this layer's paged KV cache,
-- captures the raw (pre-RoPE) keys and values of sink and clip rows,
-- after RoPE, scores a clip's vision tokens with its last vision queries (input of VSB).
+Same weights, same math as vLLM's Qwen2 for ordinary requests. Each attention layer calls one registered
+custom op, `livevlm::rotary_with_hooks` (`vllm_livevlm.model.ops`), in place of vLLM's RoPE call: it
+rotates q/k as vLLM would and, when the step carries LiveVLM requests (`LiveVLMConnector`), before the
+rotation fills those requests' context slots (sinks, long-term, short-term memory; raw keys rotated once to
+the slot positions) in this layer's paged KV cache and captures the raw (pre-RoPE) keys and values of sink
+and clip rows, after it scores a clip's vision tokens with its last vision queries (input of VSB). Being an
+op, this runs the same under `--enforce-eager` and under vLLM's default compilation.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
-from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, maybe_prefix
 
-from vllm_livevlm.connector.step import StepRequests
-
-
-def current_step() -> StepRequests | None:
-    """This step's LiveVLM requests, or None when the engine runs no LiveVLM connector or none is scheduled."""
-    if not has_kv_transfer_group():
-        return None
-    connector = get_kv_transfer_group()
-    step_requests = getattr(connector, "step_requests", None)
-    return step_requests() if step_requests is not None else None
+from vllm_livevlm.model.ops import LayerHooks, inplace_rope
 
 
 class LiveVLMQwen2Attention(Qwen2Attention):
-    """Qwen2Attention plus the LiveVLM per-layer hooks (no extra parameters or state)."""
-
-    layer_index: int
+    """Qwen2Attention with its RoPE call replaced by the LiveVLM op (no extra parameters or state)."""
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        step = current_step()
-        if step is None:
-            return super().forward(positions, hidden_states)
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # Named ranges: a torch.profiler trace shows what LiveVLM itself costs in a step (docs/benchmarks.md).
-        with record_function("livevlm::before_attention"):
-            step.before_attention(self.layer_index, self.attn, self.rotary_emb, q, k, v)
-        q, k = self.rotary_emb(positions, q, k)
-        with record_function("livevlm::after_rotary"):
-            step.after_rotary(self.layer_index, self.attn, q, k)
+        torch.ops.livevlm.rotary_with_hooks(positions, q, k, v, self.attn.layer_name)
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)
         return output
@@ -63,7 +43,8 @@ class LiveVLMQwen2DecoderLayer(Qwen2DecoderLayer):
         # Same module, same parameters: only forward differs. Swapping the class (instead of building a
         # second attention) keeps vLLM's layer registry free of duplicate layer names.
         self.self_attn.__class__ = LiveVLMQwen2Attention
-        self.self_attn.layer_index = extract_layer_index(prefix)
+        attn = self.self_attn.attn  # the op finds it by layer name in the forward context
+        attn.livevlm_hooks = LayerHooks(extract_layer_index(prefix), inplace_rope(self.self_attn.rotary_emb))
 
 
 class LiveVLMQwen2ForCausalLM(Qwen2ForCausalLM):

@@ -17,6 +17,7 @@ import secrets
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from vllm_livevlm.serving.console import PAGE_PATHS
 from vllm_livevlm.serving.errors import error_response
 
 # Probes a load balancer or Prometheus reads without credentials (no body, no engine request).
@@ -36,8 +37,9 @@ ADMIN_PATHS = frozenset({
 
 class APIKeyGate:
     """ASGI middleware: 404 for `ADMIN_PATHS`; with keys, 401 (OpenAI error format) for any other path but
-    `OPEN_PATHS` whose request lacks `Authorization: Bearer <key>`. CORS preflights pass (they carry no
-    credentials by design, and vLLM's CORS middleware, outside this one, answers them)."""
+    `OPEN_PATHS` and the console's files (`PAGE_PATHS`) whose request lacks `Authorization: Bearer <key>`.
+    CORS preflights pass (they carry no credentials by design, and vLLM's CORS middleware, outside this one,
+    answers them)."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
@@ -50,7 +52,7 @@ class APIKeyGate:
         path = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/") or "/"
         if path in ADMIN_PATHS:
             await error_response(404, "Not Found")(scope, receive, send)
-        elif self.digests and path not in OPEN_PATHS and scope.get("method") != "OPTIONS" \
+        elif self.digests and path not in OPEN_PATHS | PAGE_PATHS and scope.get("method") != "OPTIONS" \
                 and not bearer_matches(Headers(scope=scope), self.digests):
             await error_response(401, "a valid API key is required: send `Authorization: Bearer <key>`")(
                 scope, receive, send)

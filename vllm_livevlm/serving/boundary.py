@@ -47,8 +47,9 @@ MEDIA_KEYS = frozenset({"image_url", "image_pil", "image_embeds", "input_image",
                         "multi_modal_uuids", "mm_embeds", "mm_features", "features", "content_parts",
                         "images", "videos"})
 MEDIA_TYPES = frozenset({*MEDIA_KEYS, "image", "audio", "video", "document", "file", "input_file"})
-# Frame uploads: the one large body, handled by our own route, which never forwards client fields.
-EXEMPT_PATH = re.compile(r"^/v1/video/streams/[^/]+/frames$")
+# Frame uploads and stream files: the large bodies, handled by our own routes, which never forward client
+# fields (a stream file is read by `vllm_livevlm.portable`, never by vLLM).
+EXEMPT_PATH = re.compile(r"^/v1/video/streams/(?:[^/]+/frames|import)$")
 OUR_ROUTES = "/v1/video/"  # read no media part: nothing in their bodies reaches vLLM's media decoding
 MAX_JSON_DEPTH = 128
 # Sampling values vLLM 0.32 accepts but cannot serve (500 instead of 400): a `top_k` past 64 bits (msgpack

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import cv2
 import numpy as np
@@ -43,6 +43,23 @@ class Upload:
     data: bytes
     name: str     # how errors name it: "file 'a.png'", "frames[3]", "video"
     video: bool
+
+
+class VideoSpan(NamedTuple):
+    """The frames decoded from one video (kept or sampled out) and the time of its last one (seconds)."""
+
+    count: int
+    last: float
+
+
+class Decoded(NamedTuple):
+    """A request's frames and, when the request is one video, each frame's container time in seconds from the
+    video's first frame (the presentation times FFmpeg reports); None otherwise."""
+
+    frames: np.ndarray  # [T, H, W, 3] RGB uint8
+    offsets: list[float] | None
+    sampled_out: int = 0         # frames of the video skipped by the stream's sampler while decoding
+    until: float | None = None   # offset of the video's last frame (kept or skipped)
 
 
 def image_dimensions(data: bytes, name: str) -> tuple[int, int]:
@@ -123,8 +140,8 @@ class FrameDecoder:
         self._pool = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="livevlm-decode")
         self._admitted = 0
 
-    async def decode(self, uploads: list[Upload]) -> np.ndarray:
-        return await self.run(self.decode_now, uploads)
+    async def decode(self, uploads: list[Upload], keep: Callable[[float], bool] | None = None) -> Decoded:
+        return await self.run(self.decode_now, uploads, keep)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the pool; 429 when it is full. A cancelled caller's job is dropped if it has not
@@ -142,9 +159,10 @@ class FrameDecoder:
     def _release(self) -> None:
         self._admitted -= 1
 
-    def decode_now(self, uploads: list[Upload]) -> np.ndarray:
+    def decode_now(self, uploads: list[Upload], keep: Callable[[float], bool] | None = None) -> Decoded:
         """Every image header is checked before anything is decoded; videos are checked from their container
-        and frame by frame; the frames of one request must share one size (after shrinking)."""
+        and frame by frame; the frames of one request must share one size (after shrinking). `keep` samples a
+        request that is one video (`video`); it is ignored otherwise."""
         max_frames = self.limits.max_frames_per_request
         if sum(not u.video for u in uploads) > max_frames:
             raise APIError(413, f"more than {max_frames} frames in one request (the per-request limit)", "frames")
@@ -155,7 +173,12 @@ class FrameDecoder:
         images_left = sum(not u.video for u in uploads)
         for upload in uploads:
             if upload.video:
-                frames += self.video(upload.data, upload.name, max_frames - len(frames) - images_left)
+                video, times, decoded = self.video(upload.data, upload.name, max_frames - len(frames) - images_left,
+                                                   keep if len(uploads) == 1 else None)
+                frames += video
+                if len(uploads) == 1:
+                    return Decoded(np.stack(frames), [t - times[0] for t in times], decoded.count - len(video),
+                                   decoded.last - times[0])
             else:
                 frames.append(self.image(upload.data, upload.name))
                 images_left -= 1
@@ -164,7 +187,7 @@ class FrameDecoder:
         shapes = sorted({f.shape[:2] for f in frames})
         if len(shapes) > 1:
             raise APIError(422, f"frames of one request must share one size, got {shapes}", "frames")
-        return np.stack(frames)
+        return Decoded(np.stack(frames), None)
 
     def check_size(self, width: int, height: int, name: str) -> None:
         limits = self.limits
@@ -184,13 +207,19 @@ class FrameDecoder:
         self.check_size(image.shape[1], image.shape[0], name)  # EXIF orientation may swap the sides
         return cv2.cvtColor(self.shrink(image), cv2.COLOR_BGR2RGB)
 
-    def video(self, data: bytes, name: str, max_frames: int) -> list[np.ndarray]:
-        """An mp4/mov/webm/mkv file ⇒ at most `max_frames` RGB frames. Its size and frame count are read from
-        the container before any frame is decoded, and every frame is checked again (containers can lie)."""
+    def video(self, data: bytes, name: str, max_frames: int,
+              keep: Callable[[float], bool] | None = None) -> tuple[list[np.ndarray], list[float], VideoSpan]:
+        """An mp4/mov/webm/mkv file ⇒ at most `max_frames` RGB frames and their presentation times (seconds).
+        Its size and frame count are read from the container before any frame is decoded, and every frame is
+        checked again (containers can lie). With `keep` (the stream's sampler, by seconds from the video's first
+        frame) a frame sampled out is skipped before it is converted or held: `max_frames` counts kept frames,
+        `max_video_frames` the frames decoded."""
         if not (data[4:8] in BMFF_FIRST_BOXES or data.startswith(EBML_MAGIC)):
             raise APIError(415, f"{name} is not an mp4/mov or webm/mkv file (only those containers are accepted)",
                            "frames")
         frames: list[np.ndarray] = []
+        times: list[float] = []
+        decoded, first, at = 0, None, 0.0
         with tempfile.NamedTemporaryFile(suffix=".video") as f:
             f.write(data)
             f.flush()
@@ -200,24 +229,39 @@ class FrameDecoder:
                     raise APIError(400, f"{name} is not a video that can be decoded (mp4 or webm expected)", "frames")
                 self.check_size(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
                                 int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)), name)
-                self._check_frames(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), max_frames, name)
-                while True:
-                    ok, frame = capture.read()
+                declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+                self._check_decoded(declared, name)
+                if keep is None:
+                    self._check_frames(declared, max_frames, name)
+                while capture.grab():
+                    decoded += 1
+                    self._check_decoded(decoded, name)
+                    at = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000  # the frame just grabbed
+                    first = at if first is None else first
+                    if keep is not None and not keep(at - first):
+                        continue
+                    ok, frame = capture.retrieve()
                     if not ok:
                         break
                     self.check_size(frame.shape[1], frame.shape[0], name)
                     self._check_frames(len(frames) + 1, max_frames, name)
                     frames.append(cv2.cvtColor(self.shrink(frame), cv2.COLOR_BGR2RGB))
+                    times.append(at)
             finally:
                 capture.release()
         if not frames:
             raise APIError(400, f"{name} is not a video that can be decoded (mp4 or webm expected)", "frames")
-        return frames
+        return frames, times, VideoSpan(decoded, at)
 
     def _check_frames(self, count: int, max_frames: int, name: str) -> None:
         if count > max_frames:
             raise APIError(413, f"{name} has {count} frames: over max_frames_per_request "
                                 f"({self.limits.max_frames_per_request})", "frames")
+
+    def _check_decoded(self, count: int, name: str) -> None:
+        if count > self.limits.max_video_frames:
+            raise APIError(413, f"{name} has {count} frames to decode: over max_video_frames "
+                                f"({self.limits.max_video_frames})", "frames")
 
     def shrink(self, frame: np.ndarray) -> np.ndarray:
         """Scale a frame down so its shorter side is the processor's input side, keeping its aspect ratio.

@@ -10,11 +10,14 @@ from typing import Any
 from fastapi import FastAPI
 
 from vllm_livevlm.memory.budget import ModelShape
-from vllm_livevlm.serving import redact, routes
+from vllm_livevlm.portable.checkpoints import Checkpointer, check_state_dir
+from vllm_livevlm.serving import console, redact, routes
 from vllm_livevlm.serving.access import APIKeyGate
 from vllm_livevlm.serving.boundary import TrustBoundary
 from vllm_livevlm.serving.media import FrameDecoder
+from vllm_livevlm.serving.restore_gate import RestoreGate
 from vllm_livevlm.serving.service import ServerLimits, StreamService, config_from_env
+from vllm_livevlm.service_env import STATE_DIR_ENV
 from vllm_livevlm.streams import ARCHITECTURE, StreamEngine
 
 SOCKET_AUTH = "vllm_livevlm.serving.socket_auth.SubprotocolCredentials"
@@ -37,10 +40,13 @@ class LiveVLMEndpoints:
         # engine transfer fields or media parts, with or without the key.
         app.add_middleware(TrustBoundary, max_body_bytes=limits.max_request_body_bytes,
                            max_json_depth=limits.max_json_depth)
+        # Inside the key check, before any body is read: 503 + Retry-After while streams are restored.
+        app.add_middleware(RestoreGate)
         # Outside the boundary (added later = outer): every route but the open probes needs the key before its
         # body is read (vLLM's check covers /v1, /v2, /inference, /cohere only); engine control is not served.
         app.add_middleware(APIKeyGate, keys=keys)
         routes.attach(app)
+        console.attach(app, bool(keys), args.host, args.port)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
@@ -59,6 +65,7 @@ class LiveVLMEndpoints:
                             vllm_config.scheduler_config.max_num_batched_tokens)
         service = StreamService(core, ServerLimits.from_env(), names[0],
                                 ModelShape.of(vllm_config.model_config, core.tokens_per_frame))
+        service.checkpointer = _checkpointer(service)
         service.start()
         add_pre_shutdown_hook(engine_client, service.before_engine_shutdown)
         state.livevlm = service
@@ -66,6 +73,17 @@ class LiveVLMEndpoints:
         vision = vllm_config.model_config.hf_config.vision_config
         state.livevlm_decoder = FrameDecoder(service.limits, vision.image_size)
         state.livevlm_websockets = 0  # open stream websockets (`max_websockets`)
+
+
+def _checkpointer(service: StreamService) -> Checkpointer | None:
+    """With a state dir (`--livevlm-state-dir`): its checkpoints, restored once the server runs. A dir that
+    cannot be written refuses the start (`StateDirError`)."""
+    state_dir = os.environ.get(STATE_DIR_ENV)
+    if not state_dir:
+        return None
+    checkpointer = Checkpointer(service, check_state_dir(state_dir))
+    checkpointer.start()
+    return checkpointer
 
 
 def endpoint_plugin() -> LiveVLMEndpoints:

@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
-import numpy as np
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat
 
 from vllm_livevlm.serving import media, upload
 from vllm_livevlm.log import get_logger
@@ -39,7 +39,8 @@ class CreateStreamRequest(BaseModel):
 class FramesJSON(BaseModel):
     frames: list[str] | None = Field(default=None, description="base64 JPEG/PNG images (data URLs allowed)")
     video: str | None = Field(default=None, description="base64 mp4/webm file")
-    timestamps: list[float] | None = None
+    timestamps: list[StrictFloat] | None = Field(default=None, description="seconds on the stream clock, one per "
+                                                  "frame (the video's frames included), never going back")
 
 
 TOKEN_HEADER = "X-Stream-Token"
@@ -99,7 +100,8 @@ async def list_streams(raw_request: Request):
 async def engine_load(raw_request: Request):
     """The replica's load (live streams, store bytes, free KV blocks): what a router places streams by."""
     svc = service(raw_request)
-    return JSONResponse({"object": "video.engine", **await svc.engine_load()})
+    side = raw_request.app.state.livevlm_decoder.processor_side  # what the console downscales frames to
+    return JSONResponse({"object": "video.engine", "image_size": side, **await svc.engine_load()})
 
 
 @router.get("/v1/video/streams/{stream_id}")
@@ -107,7 +109,7 @@ async def engine_load(raw_request: Request):
 async def get_stream(stream_id: str, raw_request: Request):
     svc = service(raw_request)
     stream = svc.get(stream_id, stream_token(raw_request))
-    return JSONResponse({**svc.describe(stream), "stats": await stream.stats()})
+    return JSONResponse({**svc.describe(stream), "stats": {**await stream.stats(), **svc.ingest_status(stream)}})
 
 
 @router.delete("/v1/video/streams/{stream_id}")
@@ -115,6 +117,56 @@ async def get_stream(stream_id: str, raw_request: Request):
 async def delete_stream(stream_id: str, raw_request: Request):
     freed = await service(raw_request).delete(stream_id, stream_token(raw_request))
     return JSONResponse({"id": stream_id, "object": "video.stream.deleted", "deleted": True, "bytes_freed": freed})
+
+
+# ---- portable streams (`vllm_livevlm.portable`) ------------------------------------------------------------
+@router.get("/v1/video/streams/{stream_id}/export")
+@_guard
+async def export_stream(stream_id: str, raw_request: Request):
+    """The stream as a stream file (safetensors + LiveVLM header, `docs/stream-format.md`): its memory, state
+    and pending frames, for `POST /v1/video/streams/import` on this or another server of the same model."""
+    svc = service(raw_request)
+    stream = svc.get(stream_id, stream_token(raw_request))
+    data = await svc.export_stream(stream)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stream.id)
+    chunks = (memoryview(data)[i:i + 2**20] for i in range(0, len(data), 2**20))
+    return StreamingResponse(chunks, media_type="application/octet-stream",
+                             headers={"Content-Length": str(len(data)),
+                                      "Content-Disposition": f'attachment; filename="{name}.livevlm"'})
+
+
+@router.post("/v1/video/streams/import",
+             openapi_extra={"requestBody": {"content": {
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "file": {"type": "string", "format": "binary"}}}},
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+@_guard
+async def import_stream(raw_request: Request):
+    """Create a stream from a stream file (multipart, one file, or a raw `application/octet-stream` body; at
+    most `max_stream_file_bytes`) with the memory it holds and a new id and owner token (in the response,
+    as for a created stream). A bad file is a 400 naming the reason."""
+    svc = service(raw_request)
+    with svc.import_slot():
+        stream, token = await svc.import_stream(await _read_stream_file(raw_request, svc.limits.max_stream_file_bytes))
+    return JSONResponse({**svc.describe(stream), "token": token})
+
+
+async def _read_stream_file(raw_request: Request, limit: int) -> bytes:
+    """The stream file of an import request, its body counted as it arrives (`max_stream_file_bytes`)."""
+    content_type = (raw_request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type == "application/octet-stream":
+        return await upload.read_body(raw_request, limit, "max_stream_file_bytes")
+    if content_type != "multipart/form-data":
+        raise APIError(415, f"unsupported content type {content_type or 'none'!r}: send the stream file as "
+                            "multipart/form-data or application/octet-stream")
+    form = await upload.read_form(raw_request, limit, 1, "max_stream_file_bytes")
+    try:
+        files = [value for _, value in form.multi_items() if not isinstance(value, str)]
+        if not files:
+            raise APIError(400, "the multipart body holds no file", "file")
+        return await files[0].read()
+    finally:
+        await form.close()
 
 
 @router.post("/v1/video/streams/{stream_id}/frames",
@@ -132,18 +184,21 @@ async def push_frames(stream_id: str, raw_request: Request, wait: bool = False):
     svc = service(raw_request)
     token = stream_token(raw_request)
     stream = svc.get(stream_id, token)
-    frames, timestamps = await _read_frames(raw_request, svc)
-    accepted, dropped = svc.push(stream, frames, timestamps)
+    decoded, timestamps = await _read_frames(raw_request, svc, stream)
+    pushed = svc.push(stream, decoded.frames, timestamps, decoded.offsets, decoded.sampled_out, decoded.until)
     if wait:
         await svc.wait_encoded(stream, token)
-    return JSONResponse({"frames_accepted": accepted, "frames_dropped": dropped,
-                         "clips_encoded": stream.clips_encoded, "frames_encoded": stream.frames_encoded,
-                         "pending_frames": stream.pending_frames})
+    return JSONResponse({"frames_accepted": pushed.accepted, "frames_sampled_out": pushed.sampled_out,
+                         "frames_dropped": pushed.dropped, "clips_encoded": stream.clips_encoded,
+                         "frames_encoded": stream.frames_encoded, "pending_frames": stream.pending_frames})
 
 
-async def _read_frames(raw_request: Request, svc: StreamService) -> tuple[np.ndarray, list[float] | None]:
-    """The request's frames, its body counted as it arrives (`max_upload_bytes`) and decoded on the decode
-    pool (`media.FrameDecoder`: sizes checked before decoding, frames shrunk to the model's input)."""
+async def _read_frames(raw_request: Request, svc: StreamService,
+                       stream: LiveStream) -> tuple[media.Decoded, list[Any] | None]:
+    """The request's frames (with a single video's container times) and its `timestamps`, its body counted as
+    it arrives (`max_upload_bytes`) and decoded on the decode pool (`media.FrameDecoder`: sizes checked before
+    decoding, frames shrunk to the model's input). The stream checks the timestamps (`vllm_livevlm.clock`); a
+    request that is one video without them is sampled to the stream's rate while it is decoded."""
     limits = svc.limits
     decoder: media.FrameDecoder = raw_request.app.state.livevlm_decoder
     content_type = (raw_request.headers.get("content-type") or "").split(";")[0].strip().lower()
@@ -160,18 +215,23 @@ async def _read_frames(raw_request: Request, svc: StreamService) -> tuple[np.nda
                                             media.is_video(value.content_type, value.filename)))
         finally:
             await form.close()
-        return await decoder.decode(uploads), timestamps
+        return await decoder.decode(uploads, None if timestamps is not None else stream.clock.video_sampler()), \
+            timestamps
     if content_type == "application/json":
-        return await decoder.run(_decode_json, decoder, await upload.read_body(raw_request, limits.max_upload_bytes))
+        return await decoder.run(_decode_json, decoder, await upload.read_body(raw_request, limits.max_upload_bytes),
+                                 stream.clock.video_sampler())
     if media.is_video(content_type, None):
         body = await upload.read_body(raw_request, limits.max_upload_bytes)
-        return await decoder.decode([media.Upload(body, "the request body", video=True)]), None
+        return await decoder.decode([media.Upload(body, "the request body", video=True)],
+                                    stream.clock.video_sampler()), None
     raise APIError(415, f"unsupported content type {content_type or 'none'!r}: send multipart/form-data "
                         "(JPEG/PNG or video files), application/json (base64) or video/mp4|webm")
 
 
-def _decode_json(decoder: media.FrameDecoder, body: bytes) -> tuple[np.ndarray, list[float] | None]:
-    """A `FramesJSON` body ⇒ frames and timestamps (on the decode pool: parsing and base64 cost CPU too)."""
+def _decode_json(decoder: media.FrameDecoder, body: bytes,
+                 keep: Callable[[float], bool] | None) -> tuple[media.Decoded, list[float] | None]:
+    """A `FramesJSON` body ⇒ frames and timestamps (on the decode pool: parsing and base64 cost CPU too); `keep`
+    samples a body that is one video without timestamps."""
     try:
         frames = FramesJSON.model_validate(json.loads(body))
     except ValueError as e:  # JSON and validation errors
@@ -180,15 +240,18 @@ def _decode_json(decoder: media.FrameDecoder, body: bytes) -> tuple[np.ndarray, 
                for i, f in enumerate(frames.frames or [])]
     if frames.video is not None:
         uploads.append(media.Upload(media.decode_base64(frames.video, "video"), "video", video=True))
-    return decoder.decode_now(uploads), frames.timestamps
+    return decoder.decode_now(uploads, keep if frames.timestamps is None else None), frames.timestamps
 
 
-def _timestamps(text: str) -> list[float]:
+def _timestamps(text: str) -> list[Any]:
+    """A multipart `timestamps` field: a JSON list (its values are checked by the stream's clock)."""
     try:
         values = json.loads(text)
-        return [float(v) for v in values]
-    except (ValueError, TypeError):
-        raise APIError(400, "timestamps must be a JSON list of numbers", "timestamps") from None
+    except (ValueError, RecursionError):
+        values = None
+    if not isinstance(values, list):
+        raise APIError(400, "timestamps must be a JSON list of numbers (seconds)", "timestamps")
+    return values
 
 
 # ---- chat completions answered from a stream ----------------------------------------------------------------
@@ -320,10 +383,14 @@ def _usage(answer: Answer) -> dict[str, Any]:
 
 
 def _retrieval_report(answer: Answer) -> dict[str, Any]:
-    """What the question read: per layer, the long-term pages (their numbers and `[first, last]` frames)."""
-    return {"pages": {str(layer): [{"page": page, "frames": list(frames)} for page, frames in
-                                   zip(answer.retrieved_page_indices.get(layer, []), ranges)]
-                      for layer, ranges in sorted(answer.retrieved_pages.items())}}
+    """What the question read: per layer, the long-term pages (their numbers, `[first, last]` frames and the
+    `[first, last]` times of those frames in seconds on the stream clock), and the time of the last frame in
+    memory (`covered_until`)."""
+    return {"pages": {str(layer): [{"page": page, "frames": list(frames), "seconds": list(seconds)}
+                                   for page, frames, seconds in zip(answer.retrieved_page_indices.get(layer, []),
+                                                                    ranges, answer.retrieved_times.get(layer, []))]
+                      for layer, ranges in sorted(answer.retrieved_pages.items())},
+            "covered_until": answer.covered_until}
 
 
 def _livevlm_info(stream: LiveStream, answer: Answer) -> dict[str, Any]:
@@ -433,11 +500,14 @@ async def _serve_socket(websocket: WebSocket, svc: StreamService, stream: LiveSt
             try:
                 stream.check_open()
                 if message.get("bytes") is not None:
+                    arrived = time.time()  # a camera's frame is stamped when it arrives, before decoding
                     decoder: media.FrameDecoder = websocket.app.state.livevlm_decoder
-                    frames = await decoder.decode([media.Upload(message["bytes"], "frame", video=False)])
-                    _, dropped = svc.push(stream, frames)
-                    await send({"type": "frames.accepted", "pending_frames": stream.pending_frames,
-                                "frames_dropped": dropped, "clips_encoded": stream.clips_encoded})
+                    decoded = await decoder.decode([media.Upload(message["bytes"], "frame", video=False)])
+                    stamp = stream.clock.arrival(arrived)
+                    pushed = svc.push(stream, decoded.frames, [stamp])
+                    await send({"type": "frames.accepted", "timestamp": stamp, "pending_frames": stream.pending_frames,
+                                "frames_sampled_out": pushed.sampled_out, "frames_dropped": pushed.dropped,
+                                "clips_encoded": stream.clips_encoded})
                     continue
                 question, sampling = _socket_question(message.get("text"), svc.limits)
                 if answering is not None and not answering.done():

@@ -8,6 +8,7 @@ needs its owner token, idle streams expire, and shutdown drains in-flight questi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -16,10 +17,11 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from vllm_livevlm.clock import TimestampError
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.frames import to_frame_array
 from vllm_livevlm.log import get_logger
@@ -27,6 +29,9 @@ from vllm_livevlm.memory.budget import ModelShape, capture_bytes, memory_bound_b
 from vllm_livevlm.serving.errors import APIError
 from vllm_livevlm.serving.metrics import stream_metrics
 from vllm_livevlm.streams import Answer, LiveStream, QuestionRaced, StreamEngine, StreamFailed
+
+if TYPE_CHECKING:
+    from vllm_livevlm.portable.checkpoints import Checkpointer
 
 logger = get_logger(__name__)
 
@@ -42,8 +47,11 @@ class ServerLimits:
     max_streams: int = 64
     max_stream_bytes: int = 4 * GiB          # a stream's memory bound (see `reserved_bytes`) must fit
     max_total_store_bytes: int = 16 * GiB    # all reservations together (`StreamService.store_reserve_bytes`)
-    max_frames_per_request: int = 256
+    max_frames_per_request: int = 256        # frames kept from one request (after a video's sampling)
+    max_video_frames: int = 18000            # frames decoded from one video, kept or sampled out (10 min at 30 fps)
     max_upload_bytes: int = 64 * 1024 * 1024
+    max_stream_file_bytes: int = GiB         # a stream file sent to .../import (memory + pending frames)
+    max_imports_in_flight: int = 1           # imports being read and decoded at once; 429 beyond
     max_request_body_bytes: int = 8 * 1024 * 1024  # any other body, which the trust boundary reads first
     max_json_depth: int = 128                # nesting of a JSON body (vLLM's parsers would recurse past it)
     max_answer_tokens: int = 4096            # `max_tokens` of a question to a stream
@@ -61,6 +69,8 @@ class ServerLimits:
     max_websockets: int = 64                 # open stream websockets, whole server
     stream_ttl_seconds: float = 1800.0       # idle streams are closed after this; 0 disables expiry
     shutdown_grace_seconds: float = 30.0     # how long shutdown waits for in-flight questions
+    checkpoint_every_clips: int = 8          # with a state dir: a changed stream is written after this many
+    checkpoint_every_seconds: float = 30.0   # clips or seconds, whichever first (0 turns a trigger off)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -84,6 +94,14 @@ class ServerLimits:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Pushed(NamedTuple):
+    """What happened to a push's frames."""
+
+    accepted: int     # kept and queued for encoding
+    sampled_out: int  # arrived faster than the stream's `sample_fps`
+    dropped: int      # older pending frames dropped for them (`drop_oldest`)
 
 
 def config_from_env() -> LiveVLMConfig:
@@ -112,9 +130,11 @@ class StreamService:
         self._ingest: dict[str, asyncio.Task] = {}
         self._ingest_errors: dict[str, BaseException] = {}
         self._asking: dict[str, int] = {}            # stream id -> questions in flight
+        self._importing = 0                          # stream files being read or decoded (`import_slot`)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._reaper: asyncio.Task | None = None
+        self.checkpointer: Checkpointer | None = None  # with a state dir (`serving.plugin`)
         # Reserved once, at start: the step's captured clip K/V and the worst vision-to-vision scoring.
         self.capture_reserve = capture_bytes(shape, core.max_num_batched_tokens)
         self.scoring_reserve = scoring_reserve_bytes(shape, limits.max_stream_bytes, limits.max_clip_frames)
@@ -144,6 +164,8 @@ class StreamService:
         while any(self._asking.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         unanswered = sum(self._asking.values())
+        if self.checkpointer is not None:  # before the streams close: a restart finds them as they are now
+            await self.checkpointer.flush()
         streams = list(self.core.streams)
         freed = 0
         for stream_id in streams:
@@ -158,13 +180,83 @@ class StreamService:
                      pending_policy: str | None = None) -> tuple[LiveStream, str]:
         """Admit and open a stream; returns it with its owner token (shown to the client once)."""
         self._check_accepting()
-        limits = self.limits
         if pending_policy not in (None, "reject", "drop_oldest"):
             raise APIError(400, f"pending_policy must be 'reject' or 'drop_oldest', got {pending_policy!r}",
                            "pending_policy")
-        if len(self.core.streams) + self._opening >= limits.max_streams:
+        self._check_capacity()
+        resolved, reserve = self._admit(config, system_prompt)
+        return await self._opened(reserve, self.core.open_stream(resolved, system_prompt), pending_policy)
+
+    def own_file_bytes(self) -> int:
+        """The largest stream file this server writes (a stream's bound, its pending frames, 1 MiB of header):
+        a restore reads its own checkpoints up to this, whatever `max_stream_file_bytes` lets clients send."""
+        limits = self.limits
+        return max(limits.max_stream_file_bytes, limits.max_stream_bytes + limits.max_pending_bytes + 2**20)
+
+    async def import_stream(self, data: bytes, stream_id: str | None = None, token_digest: bytes | None = None,
+                            max_bytes: int | None = None) -> tuple[LiveStream, str | None]:
+        """Admit and open a stream from a stream file (`vllm_livevlm.portable`) as `create` admits a new one
+        (max_streams, config limits, store reservation), with identical memory; its pending frames are encoded
+        in the background. Returns it with a new owner token, or None when `token_digest` (the sha256 of its
+        old token: a restore) is kept. A bad file is a 400 naming the reason; nothing is half-loaded."""
+        from vllm_livevlm.portable.format import StreamFileError, read_header
+
+        self._check_accepting()
+        self._check_capacity()
+        try:  # the config and system prompt to admit by, read before any tensor is
+            state = read_header(data).get("stream")
+            if not isinstance(state, dict) or not isinstance(state.get("system_prompt"), (str, type(None))):
+                raise StreamFileError("the header has no stream state")
+        except StreamFileError as e:
+            raise APIError(400, f"invalid stream file: {e}", "file") from None
+        _, reserve = self._admit(state.get("config"), state["system_prompt"])
+
+        async def opening() -> LiveStream:
+            return (await self.core.import_stream(data, stream_id, max_bytes or self.limits.max_stream_file_bytes))[0]
+
+        try:
+            stream, token = await self._opened(reserve, opening(), None, token_digest)
+        except StreamFileError as e:
+            raise APIError(400, f"invalid stream file: {e}", "file") from None
+        except ValueError as e:  # the id exists
+            raise APIError(409, str(e), "stream_id") from None
+        if stream.pending_frames >= stream.config.clip_frames:
+            self._ingest[stream.id] = asyncio.create_task(self._encode(stream))
+        return stream, token
+
+    @contextlib.contextmanager
+    def import_slot(self) -> Iterator[None]:
+        """Room to read and decode one stream file (429 past `max_imports_in_flight`): a file of up to
+        `max_stream_file_bytes` is held in memory, a few times over while it is decoded and installed."""
+        self._check_accepting()
+        if self._importing >= self.limits.max_imports_in_flight:
+            self._reject("max_imports_in_flight")
+            raise APIError(429, f"{self._importing} stream imports are in progress (max_imports_in_flight): retry "
+                                "when they are done", "file")
+        self._importing += 1
+        try:
+            yield
+        finally:
+            self._importing -= 1
+
+    async def export_stream(self, stream: LiveStream) -> bytes:
+        """The stream's file, its owner token's digest in the header (a restore keeps the token)."""
+        self.check_usable(stream)
+        try:
+            return await stream.export_bytes(self._owners[stream.id].hex())
+        except (ValueError, RuntimeError) as e:  # failed or closed in the store meanwhile
+            stream.check_open()
+            raise APIError(409, f"stream {stream.id} cannot be exported: {e}", "stream_id") from None
+
+    def _check_capacity(self) -> None:
+        if len(self.core.streams) + self._opening >= self.limits.max_streams:
             self._reject("max_streams")
-            raise APIError(503, f"the server holds its maximum of {limits.max_streams} streams")
+            raise APIError(503, f"the server holds its maximum of {self.limits.max_streams} streams")
+
+    def _admit(self, config: Any, system_prompt: Any) -> tuple[LiveVLMConfig, int]:
+        """The resolved config of a stream to open and the bytes it reserves, if its config is within the
+        server's limits and the store has room for it: 400 / 503 otherwise."""
+        limits = self.limits
         if config is not None and not isinstance(config, dict):
             raise APIError(400, "config must be a JSON object of LiveVLM knobs", "config")
         if system_prompt is not None and len(system_prompt) > limits.max_question_chars:
@@ -192,18 +284,23 @@ class StreamService:
             raise APIError(503, f"the session store is full: {in_use} of {limits.max_total_store_bytes} bytes are "
                                 f"reserved (live streams, one commit, scoring) and this stream needs "
                                 f"{need - in_use} more; retry after streams close")
-        # Counted (and reserved) while the sinks are encoded: concurrent creates see this one.
+        return resolved, reserve
+
+    async def _opened(self, reserve: int, opening: Awaitable[LiveStream], pending_policy: str | None,
+                      token_digest: bytes | None = None) -> tuple[LiveStream, str | None]:
+        """Open an admitted stream, counted (and reserved) while it opens so concurrent admissions see it;
+        register its owner: a new token (returned), or `token_digest` kept (None returned)."""
         self._opening += 1
         self._opening_bytes += reserve
         try:
-            stream = await self.core.open_stream(resolved, system_prompt)
+            stream = await opening
         finally:
             self._opening -= 1
             self._opening_bytes -= reserve
-        token = secrets.token_urlsafe(32)
-        self._owners[stream.id] = _digest(token)
+        token = None if token_digest is not None else secrets.token_urlsafe(32)
+        self._owners[stream.id] = token_digest if token is None else _digest(token)
         self._reserved[stream.id] = reserve
-        self._policy[stream.id] = pending_policy or limits.pending_policy
+        self._policy[stream.id] = pending_policy or self.limits.pending_policy
         self.metrics.streams.set(len(self.core.streams))
         self.metrics.store_reserved_bytes.set(self.store_reserve_bytes())
         return stream, token
@@ -253,37 +350,44 @@ class StreamService:
         digests = {_digest(t) for t in tokens if t}
         return [s for sid, s in self.core.streams.items() if self._owners.get(sid) in digests]
 
-    def push(self, stream: LiveStream, frames: Any, timestamps: Any = None) -> tuple[int, int]:
-        """Accept frames (backpressure per `pending_policy`) and make sure the stream's ingestion task encodes
-        them in the background. Returns (frames accepted, pending frames dropped)."""
+    def push(self, stream: LiveStream, frames: Any, timestamps: Any = None, offsets: Any = None,
+             skipped: int = 0, until: float | None = None) -> Pushed:
+        """Sample frames to the stream's rate (by `timestamps`, or `offsets` from the push's first frame: see
+        `vllm_livevlm.clock`; `skipped`/`until`: a video the decoder sampled), accept those kept (backpressure
+        per `pending_policy`) and make sure the stream's ingestion task encodes them in the background. Nothing
+        of a push refused here is kept."""
         self._check_accepting()
         stream.check_open()
         self.check_usable(stream)
         try:
             batch = to_frame_array(frames)
-        except ValueError as e:
-            raise APIError(400, str(e), "frames") from None
-        limit, over = self._pending_excess(stream, batch)
+            sampled = stream.sample(len(batch), timestamps, offsets, skipped, until)
+        except ValueError as e:  # TimestampError included
+            raise APIError(400, str(e), "timestamps" if isinstance(e, TimestampError) else "frames") from None
+        kept = batch[sampled.keep]
+        limit, over = self._pending_excess(stream, kept) if len(kept) else ("max_pending_frames", 0)
         # drop_oldest drops this stream's queued frames (never another stream's, never the clip in flight).
-        droppable = stream.pending_frames - stream.frames_in_flight + len(batch)
+        droppable = stream.pending_frames - stream.frames_in_flight + len(kept)
         if over > 0 and (self._policy[stream.id] == "reject" or over > droppable):
             self._reject(limit)
             raise APIError(429, f"stream {stream.id} has {stream.pending_frames} frames ({stream.pending_bytes} bytes) "
-                                f"waiting to be encoded and this request adds {len(batch)} ({batch.nbytes} bytes): "
+                                f"waiting to be encoded and this request adds {len(kept)} ({kept.nbytes} bytes): "
                                 f"over {limit}={getattr(self.limits, limit)}; send frames no faster than the server "
                                 "encodes them", "frames")
         try:
-            accepted = stream.accept(batch, timestamps)
+            accepted, sampled_out = stream.accept(batch, sampled=sampled)
         except ValueError as e:  # FrameError included
             status = 422 if "frames of this stream are" in str(e) else 400
             raise APIError(status, str(e), "frames") from None
         dropped = stream.drop_oldest_pending(over)
+        if self.checkpointer is not None:
+            self.checkpointer.received(stream)
         self.metrics.frames_received.inc(accepted)
         self.metrics.frames_dropped.inc(dropped)
         task = self._ingest.get(stream.id)
         if task is None or task.done():
             self._ingest[stream.id] = asyncio.create_task(self._encode(stream))
-        return accepted, dropped
+        return Pushed(accepted, sampled_out, dropped)
 
     def pending_bytes(self) -> int:
         return sum(s.pending_bytes for s in self.core.streams.values())
@@ -338,14 +442,25 @@ class StreamService:
 
     async def delete(self, stream_id: str, token: str | None) -> int:
         self.get(stream_id, token)
-        return await self._close(stream_id)
+        try:
+            return await self._close(stream_id)
+        finally:
+            self._forget_checkpoint(stream_id)
 
     def describe(self, stream: LiveStream) -> dict[str, Any]:
         error = self._ingest_errors.get(stream.id)
         return {"id": stream.id, "object": "video.stream", "created": int(stream.created),
                 "last_activity": stream.last_activity, "pending_policy": self._policy.get(stream.id),
                 "config": stream.config.to_dict(), "state": "open" if error is None else "failed",
-                **({} if error is None else {"error": str(error)})}
+                **({} if error is None else {"error": str(error)}),
+                **(self.checkpointer.report(stream.id) if self.checkpointer is not None else {})}
+
+    def ingest_status(self, stream: LiveStream) -> dict[str, Any]:
+        """Beside the memory's stats (the console shows them): the bound the stream's store bytes stay under
+        (reserved at admission) and how long its oldest frame not yet encoded has waited."""
+        oldest = stream.oldest_pending_at
+        return {"memory_bound_bytes": self._reserved.get(stream.id),
+                "ingest_lag_seconds": 0.0 if oldest is None else max(0.0, time.time() - oldest)}
 
     async def engine_load(self) -> dict[str, Any]:
         stats = await self.core.engine_stats()
@@ -361,6 +476,10 @@ class StreamService:
     def _check_accepting(self) -> None:
         if self.draining:
             raise APIError(503, "the server is shutting down and accepts no new stream work")
+
+    def _forget_checkpoint(self, stream_id: str) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.forget(stream_id)
 
     def _reject(self, reason: str) -> None:
         self.metrics.rejected.labels(reason=reason).inc()
@@ -418,6 +537,7 @@ class StreamService:
             if busy or idle < ttl:
                 continue
             freed = await self._close(stream_id)
+            self._forget_checkpoint(stream_id)
             self._gone[stream_id] = f"expired after {idle:.0f} s without activity (TTL {ttl:g} s)"
             while len(self._gone) > 4096:
                 self._gone.popitem(last=False)

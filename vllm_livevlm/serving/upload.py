@@ -13,32 +13,33 @@ from starlette.requests import ClientDisconnect, Request
 from vllm_livevlm.serving.errors import APIError
 
 
-async def counted_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body's chunks; 413 as soon as more than `limit` bytes were declared or have arrived."""
+async def counted_chunks(request: Request, limit: int, name: str = "max_upload_bytes") -> AsyncIterator[bytes]:
+    """The body's chunks; 413 (naming the limit `name`) as soon as more than `limit` bytes were declared or
+    have arrived."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise APIError(400, f"invalid Content-Length {declared!r}")
         if int(declared) > limit:
-            raise APIError(413, f"the upload declares {declared} bytes, over max_upload_bytes ({limit} bytes)")
+            raise APIError(413, f"the upload declares {declared} bytes, over {name} ({limit} bytes)")
     received = 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise APIError(413, f"the upload is over max_upload_bytes ({limit} bytes)")
+                raise APIError(413, f"the upload is over {name} ({limit} bytes)")
             yield chunk
     except ClientDisconnect:
         raise APIError(400, "the client disconnected before the upload was complete") from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    return b"".join([chunk async for chunk in counted_chunks(request, limit)])
+async def read_body(request: Request, limit: int, name: str = "max_upload_bytes") -> bytes:
+    return b"".join([chunk async for chunk in counted_chunks(request, limit, name)])
 
 
-async def read_form(request: Request, limit: int, max_files: int) -> FormData:
-    """A multipart/form-data body of at most `limit` bytes and `max_files` files."""
-    parser = MultiPartParser(request.headers, counted_chunks(request, limit), max_files=max_files)
+async def read_form(request: Request, limit: int, max_files: int, name: str = "max_upload_bytes") -> FormData:
+    """A multipart/form-data body of at most `limit` bytes (the limit `name`) and `max_files` files."""
+    parser = MultiPartParser(request.headers, counted_chunks(request, limit, name), max_files=max_files)
     try:
         return await parser.parse()
     except MultiPartException as e:

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> None:
     import uvicorn
 
     from vllm_livevlm.serving.ray.replica import start_replicas, stop_replicas
+    from vllm_livevlm.serving.console import console_url
     from vllm_livevlm.serving.ray.router import RouterLimits, StreamRouter
 
     router_limits = RouterLimits(**{"max_upload_bytes": (limits or {}).get("max_upload_bytes",
@@ -81,6 +82,7 @@ def main(argv: list[str]) -> None:
                                   num_gpus=replica_gpus(vllm_args, ray.cluster_resources().get("GPU", 0)),
                                   timeout=args.replica_timeout, progress=progress)
         progress(f"router listening on http://{args.host}:{args.port}")
+        progress(f"LiveVLM console: {console_url(args.host, args.port)}")
         router = StreamRouter(replicas, api_key, router_limits)
         uvicorn.run(router.app(), host=args.host, port=args.port, log_level="info")
     finally:

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_livevlm.log import get_logger
 from vllm_livevlm.serving.access import bearer_matches, key_digests
 from vllm_livevlm.serving.boundary import TrustBoundary
+from vllm_livevlm.serving.console import PAGE_PATHS
 from vllm_livevlm.serving.errors import error_response
 from vllm_livevlm.serving.keepalive import client_limits
 from vllm_livevlm.serving.ray.replica import Replica
@@ -80,11 +81,13 @@ class RouterLimits:
 def routable(raw_path: bytes) -> bool:
     """Whether the router forwards this path (as sent, before any decoding): plain ASCII segments (no `.`,
     `..`, empty segment, percent-escape or backslash, so a replica resolves it to exactly what we checked)
-    under our routes, the OpenAI ones or `/health`."""
+    under our routes, the OpenAI ones or `/health`, or one of the console's files."""
     try:
         path = raw_path.decode("ascii")
     except UnicodeDecodeError:
         return False
+    if path in PAGE_PATHS:  # the console's files (a replica serves them)
+        return True
     if not path.startswith("/") or "%" in path or "\\" in path:
         return False
     if any(segment in ("", ".", "..") for segment in path[1:].split("/")):
@@ -124,7 +127,7 @@ class RouterGate:
         declared = headers.get("content-length", "0")
         if not routable(raw_path):
             await _refuse(scope, receive, send, 404, "not found")
-        elif (raw_path.decode() not in _OPEN_PATHS and scope.get("method") != "OPTIONS"
+        elif (raw_path.decode() not in _OPEN_PATHS | PAGE_PATHS and scope.get("method") != "OPTIONS"
               and not self.authorized(headers)):
             await _refuse(scope, receive, send, 401, "a valid API key is required (Authorization: Bearer KEY)")
         elif not declared.isdigit() or int(declared) > self.max_upload_bytes:
