@@ -225,6 +225,24 @@ def test_sse_and_websocket_through_the_router(placed):
     assert "".join(deltas) == done["text"] and done["frames_covered"] == CONFIG["clip_frames"] + 1
 
 
+def test_an_exported_stream_is_imported_through_the_router(placed):
+    """Export through the router reaches the stream's home; import is placed like a creation: the copy gets
+    a new id the router routes, and answers as the original."""
+    client, ids, _ = placed
+    exported = requests.get(f"{client.url}/v1/video/streams/{ids[0]}/export", headers=client.tokens[ids[0]])
+    assert exported.status_code == 200 and exported.content, exported.text
+    imported = requests.post(f"{client.url}/v1/video/streams/import", data=exported.content,
+                             headers={**AUTH, "Content-Type": "application/octet-stream"})
+    assert imported.status_code == 200, imported.text
+    copy = imported.json()["id"]
+    assert copy != ids[0]
+    client.tokens[copy] = {**AUTH, "X-Stream-Token": imported.json()["token"]}
+    try:
+        assert client.answer(copy) == client.answer(ids[0])
+    finally:
+        assert requests.delete(f"{client.url}/v1/video/streams/{copy}", headers=client.tokens.pop(copy)).ok
+
+
 def _rss(pid: int) -> int:
     """Resident bytes of one process."""
     status = Path(f"/proc/{pid}/status").read_text()

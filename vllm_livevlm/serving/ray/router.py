@@ -332,7 +332,9 @@ class StreamRouter:
 
     # ---- routes the router answers itself ---------------------------------------------------------------
     async def create_stream(self, request: Request) -> Response:
-        body = await request.body()  # small JSON, bounded by `RouterGate`
+        """A new stream (`POST /v1/video/streams`) or an imported one (`.../import`: a stream file) on the
+        least-loaded live replica, which owns it from then on."""
+        body = await request.body()  # bounded by `RouterGate` (`max_upload_bytes`)
         headers = _request_headers(request.headers)
         try:
             replica = await self.place()
@@ -449,6 +451,10 @@ class StreamRouter:
 
         @app.post("/v1/video/streams")
         async def create_stream(request: Request):
+            return await self.create_stream(request)
+
+        @app.post("/v1/video/streams/import")  # before the stream routes: "import" is not a stream id
+        async def import_stream(request: Request):  # a stream file is placed like a new stream
             return await self.create_stream(request)
 
         @app.get("/v1/video/streams")
