@@ -57,6 +57,8 @@ ENGINE_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/chat/completion
 # POST routes that build no engine request and are not fuzzed here, and why.
 NOT_FUZZED = {
     "/ping": "no body: a health probe",
+    "/v1/video/streams/import": "ours: reads a stream file only, never forwards a field (its bytes are fuzzed "
+                                "by tests/test_portable.py)",
     "/is_scaling_elastic_ep": "engine control: not served (404, `serving.access.ADMIN_PATHS`)",
     "/scale_elastic_ep": "engine control: not served (404, `serving.access.ADMIN_PATHS`)",
     "/inference/v1/abort_requests": "engine control (aborts any request by id): not served (404)",

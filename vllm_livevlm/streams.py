@@ -414,6 +414,8 @@ class LiveStream:
             except Exception as e:
                 self._raise_if_closed(e)
                 raise
+        # Deleted while the answer finished: the times of the frames it read went with the stream's queue.
+        self.check_open()
         frames_covered = report.get("frames_covered", snapshot["frames"])
         end = time.perf_counter()
         completion = output.outputs[0]
