@@ -66,7 +66,7 @@ class Answer:
     retrieved_pages: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     retrieved_page_indices: dict[int, list[int]] = field(default_factory=dict)  # page numbers, same order
     # The same pages' (first, last) times in seconds on the stream clock (`vllm_livevlm.clock`).
-    retrieved_times: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    retrieved_times: dict[int, list[tuple[float | None, float | None]]] = field(default_factory=dict)
     covered_until: float | None = None  # time of the last frame in memory
     timings: dict[str, float] = field(default_factory=dict)  # seconds: flush, ttft, total, retrieval
     # Set when the question read a later version than it was prepared on (its own waited behind a clip, or
@@ -414,8 +414,6 @@ class LiveStream:
             except Exception as e:
                 self._raise_if_closed(e)
                 raise
-        # Deleted while the answer finished: the times of the frames it read went with the stream's queue.
-        self.check_open()
         frames_covered = report.get("frames_covered", snapshot["frames"])
         end = time.perf_counter()
         completion = output.outputs[0]
@@ -451,11 +449,14 @@ class LiveStream:
                 f"uniformly sampled from it. These frames are located at {located}.Please answer the following "
                 "questions related to this video.\n")
 
-    def frame_time(self, frame: int) -> float:
+    def frame_time(self, frame: int) -> float | None:
         """The stream-clock time of stream frame `frame`, also for the clip in flight (the memory may hold it
-        before this front end has settled it)."""
-        encoded = self.clock.encoded
-        return encoded[frame] if frame < len(encoded) else self._flight_times[frame - len(encoded)]
+        before this front end has settled it); None for a frame of a clip whose times went with the queue
+        (the stream was deleted while a question that read it finished: that answer is still given)."""
+        encoded, flight = self.clock.encoded, frame - len(self.clock.encoded)
+        if flight < 0:
+            return encoded[frame]
+        return self._flight_times[flight] if flight < len(self._flight_times) else None
 
     # ---- state --------------------------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
