@@ -36,6 +36,7 @@ from vllm_livevlm.bench import LIVEVLM_SYSTEMS, uniform_indices
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.eval.question_forward import QuestionForward
 from vllm_livevlm.memory.retrieval import PageLayout, token_index
+from vllm_livevlm.portable.wire import from_wire
 from vllm_livevlm.streams import QUESTION_TURN
 
 LOSSLESS = {"long_term_budget_tokens": None, "retrieve_ratio": 1.0, "encode_context": "all"}
@@ -112,13 +113,7 @@ class Memory:
 
 def read_memory(lv: Any, stream: Any) -> Memory:
     data = lv._run(lv.core.rpc("livevlm_memory_snapshot", stream.id))
-    return Memory(**{name: _tensor(*value) for name, value in data.pop("tensors").items()}, **data)
-
-
-def _tensor(dtype: str, shape: list[int], raw: bytes) -> torch.Tensor:
-    if not raw:
-        return torch.empty(shape, dtype=getattr(torch, dtype))
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape)
+    return Memory(**{name: from_wire(value) for name, value in data.pop("tensors").items()}, **data)
 
 
 @dataclass
