@@ -17,7 +17,8 @@ variant runs vLLM's own Qwen2 math for them; prefix caching off, as vLLM advises
 compilation like every engine here, `--enforce-eager` with `--eager`); vanilla-prefix needs prefix caching
 and runs on a second, stock engine. `--compiled` runs livevlm again on an `--enforce-eager` engine
 (`livevlm-eager`) and reports compiled over eager (decode tokens/s, clip and question step time) and what the
-LiveVLM op costs on a decode step without LiveVLM work (torch.profiler, `decode_op_cost`).
+LiveVLM op costs on a decode step without LiveVLM work (`decode_op_cost`: calls counted by torch.profiler,
+each timed on the engine's own layer).
 Memory is reported and measured: "reported" is what the system says it holds (the store's stats for the
 LiveVLM systems, tokens x KV bytes per token for the others); "measured" is what is allocated: the distinct
 tensor storages the session store holds (`vllm_livevlm.measure`, sampled after every clip) for the LiveVLM
@@ -528,8 +529,9 @@ class Bench:
         cost = self.op_cost
         if cost:
             lines.append(f"  LiveVLM op on a decode step without LiveVLM work: {cost['op_overhead_us_per_step']:.1f} us "
-                         f"of {cost['step_us']:.0f} us ({cost['op_overhead_share'] * 100:.2f}%; its RoPE kernel "
-                         f"{cost['rope_us_per_step']:.1f} us more), {cost['steps']} steps")
+                         f"of {cost['step_us']:.0f} us ({cost['op_overhead_share'] * 100:.2f}%): {cost['op_calls']} calls "
+                         f"in {cost['steps']} steps, {cost['op_call_us']:.2f} us a call of which its RoPE "
+                         f"{cost['rope_call_us']:.2f} us")
         return lines
 
     # ---- summary -------------------------------------------------------------------------------------------
@@ -676,10 +678,13 @@ class Bench:
 
 
 def decode_op_cost(model: str, dtype: str, max_model_len: int, tokens: int = 64) -> dict[str, float]:
-    """What `livevlm::rotary_with_hooks` costs on steps without LiveVLM work: torch.profiler over one plain
-    request decoded by an in-process LiveVLM engine under vLLM's default compilation. The op's CPU time less
-    the RoPE kernel it runs (vLLM's own attention rotates too), per step, against the step's wall time. Run
-    it before any other engine in the process: it needs vLLM's in-process engine core."""
+    """What `livevlm::rotary_with_hooks` costs on steps without LiveVLM work, on an in-process LiveVLM engine
+    under vLLM's default compilation: how often a decode step calls it (torch.profiler over one plain request:
+    nothing traced away) times what one call costs beyond the RoPE it runs (vLLM's own attention rotates too),
+    against the step's wall time. The call is timed outside the profiler (which costs more per event than the
+    op itself): the real op, on the engine's own layer, connector and forward context, with no LiveVLM
+    requests bound, interleaved with the layer's bare rotation. Run it before any other engine in the process:
+    it needs vLLM's in-process engine core."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -698,32 +703,59 @@ def decode_op_cost(model: str, dtype: str, max_model_len: int, tokens: int = 64)
         prompt = {"prompt_token_ids": list(range(100, 132))}
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         llm.generate(prompt, params, use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        step_us = (time.perf_counter() - start) * 1e6 / tokens
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
             llm.generate(prompt, params, use_tqdm=False)
-            wall = time.perf_counter() - start
+        op_us, rope_us = _op_call_us(llm.llm_engine.vllm_config)
     finally:
         llm.llm_engine.engine_core.shutdown()
         if saved is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
-    events = {e.key: e for e in prof.key_averages()}
-    op = events[OP_NAME]
-    rope = sum(e.cpu_time_total for k, e in events.items() if k.endswith("::rotary_embedding") and k != OP_NAME)
-    step_us = wall * 1e6 / tokens
-    overhead = (op.cpu_time_total - rope) / tokens
-    return {"steps": tokens, "op_calls": op.count, "step_us": step_us, "op_overhead_us_per_step": overhead,
-            "rope_us_per_step": rope / tokens, "op_overhead_share": overhead / step_us}
+    calls = next(e.count for e in prof.key_averages() if e.key == OP_NAME)
+    overhead = max(op_us - rope_us, 0.0) * calls / tokens
+    return {"steps": tokens, "op_calls": calls, "step_us": step_us, "op_call_us": op_us, "rope_call_us": rope_us,
+            "op_overhead_us_per_step": overhead, "op_overhead_share": overhead / step_us}
+
+
+def _op_call_us(vllm_config, calls: int = 2000, rounds: int = 15) -> tuple[float, float]:
+    """Median µs of one `livevlm::rotary_with_hooks` call and of the bare rotation it runs, one decode token,
+    on the first LiveVLM layer of the engine in this process (rounds of each, interleaved)."""
+    import torch
+    from vllm.forward_context import set_forward_context
+
+    layers = vllm_config.compilation_config.static_forward_context
+    name, attn = next((n, a) for n, a in layers.items() if hasattr(a, "livevlm_hooks"))
+    dtype, device = vllm_config.model_config.dtype, vllm_config.device_config.device
+    q = torch.randn(1, attn.num_heads * attn.head_size, dtype=dtype, device=device)
+    k = torch.randn(1, attn.num_kv_heads * attn.head_size, dtype=dtype, device=device)
+    v, positions = torch.randn_like(k), torch.tensor([7], device=device)
+    op = torch.ops.livevlm.rotary_with_hooks.default
+
+    def per_call(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) * 1e6 / calls
+
+    samples: dict[str, list[float]] = {"op": [], "rope": []}
+    with set_forward_context(None, vllm_config):
+        for _ in range(rounds):
+            samples["op"].append(per_call(lambda: op(positions, q, k, v, name)))
+            samples["rope"].append(per_call(lambda: attn.livevlm_hooks.rope(positions, q, k)))
+    return statistics.median(samples["op"]), statistics.median(samples["rope"])
 
 
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
-    from vllm_livevlm.testing.tiny_model import PRESETS, ensure_tiny_model
+    from vllm_livevlm.testing.tiny_model import ensure_tiny_model, preset_names
 
     parser = argparse.ArgumentParser(prog="vllm-livevlm bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-preset", default="bench", choices=sorted(PRESETS))
+    parser.add_argument("--model-preset", default="bench", choices=preset_names())
     parser.add_argument("--model", default=None, help="a checkpoint instead of a random preset model")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS))
     parser.add_argument("--lengths", default="16,64,256", help="stream lengths in frames, every system")

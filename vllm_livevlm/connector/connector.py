@@ -122,6 +122,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
         # worker side
         self.store: SessionStore | None = SessionStore() if role == KVConnectorRole.WORKER else None
         self._step: StepRequests | None = None
+        self._step_has_requests = False  # set when the step's metadata is bound: the op asks every layer
         if role == KVConnectorRole.SCHEDULER:
             global _scheduler_connector
             _scheduler_connector = weakref.ref(self)
@@ -227,9 +228,9 @@ class LiveVLMConnector(KVConnectorBase_V1):
     def step_requests(self, forward_context: "ForwardContext | None" = None) -> StepRequests | None:
         """This step's LiveVLM requests, with their rows in the batch (built once per step)."""
         if self._step is None:
-            meta = self._metadata()
-            if meta is None or not meta.requests or self.store is None:
+            if not self._step_has_requests:
                 return None
+            meta = self._metadata()
             from vllm.forward_context import get_forward_context
 
             try:
@@ -241,6 +242,15 @@ class LiveVLMConnector(KVConnectorBase_V1):
                     self.store.fail_request(req.params.request_id, f"step preparation failed: {type(e).__name__}")
                 return None
         return self._step
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._step_has_requests = (self.store is not None and isinstance(connector_metadata, LiveVLMConnectorMetadata)
+                                   and bool(connector_metadata.requests))
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self._step_has_requests = False
 
     def _metadata(self) -> LiveVLMConnectorMetadata | None:
         if not self.has_connector_metadata():

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import vllm._custom_ops  # noqa: F401  (loads the `torch.ops._C` kernels, RoPE among them)
 from torch.library import Library
 from torch.profiler import record_function
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -40,7 +42,27 @@ class LayerHooks:
 def inplace_rope(rotary_emb: torch.nn.Module) -> Callable:
     """The platform's in-place RoPE kernel: the same rotation eager and compiled (vLLM's compiled mode
     would pick the out-of-place native version), for the layer's rows and for stored keys alike."""
+    if type(rotary_emb) is RotaryEmbedding and not getattr(rotary_emb, "use_flashinfer", False):
+        return KernelRope(rotary_emb)
     return rotary_emb.forward_cpu if current_platform.is_cpu() else rotary_emb.forward_cuda
+
+
+class KernelRope:
+    """What `RotaryEmbedding.forward_cpu`/`forward_cuda` run, vLLM's `_C::rotary_embedding` kernel, called
+    without their per-call Python (a cache dtype check, an import, a wrapper): the op runs on every layer of
+    every step, most of them without LiveVLM work, so this is most of what it costs (docs/benchmarks.md).
+    The cos/sin cache is matched to the model's dtype and device once, at the first call."""
+
+    def __init__(self, rotary_emb: RotaryEmbedding) -> None:
+        self.rotary_emb = rotary_emb
+        self.kernel = torch.ops._C.rotary_embedding.default
+        self.cos_sin_cache: torch.Tensor | None = None
+
+    def __call__(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None) -> None:
+        if self.cos_sin_cache is None:
+            self.cos_sin_cache = self.rotary_emb._match_cos_sin_cache_dtype(query)
+        self.kernel(positions, query, key, self.rotary_emb.head_size, self.cos_sin_cache,
+                    self.rotary_emb.is_neox_style)
 
 
 def current_step() -> StepRequests | None:
