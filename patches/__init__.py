@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES: tuple[str, ...] = ("async_llm_pre_shutdown_hooks", "compilation_livevlm_splitting_ops")
+PATCHES: tuple[str, ...] = ("async_llm_pre_shutdown_hooks", "compilation_livevlm_splitting_ops",
+                             "mrope_livevlm_context_extent")
 _applied: set[str] = set()
 
 

@@ -9,7 +9,7 @@ set -euo pipefail
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
 VLLM_VERSION=0.32.0
-RAY_SPEC="ray==2.60.0"
+RAY_SPEC="ray[serve]==2.60.0"  # Serve: the scale-out deployment (serving/ray/)
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$root/.venv}

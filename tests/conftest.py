@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny random-weight LLaVA-OneVision checkpoint per test session.
+"""Shared fixtures: one tiny random-weight LLaVA-OneVision (and one Qwen2.5-VL) checkpoint per test session.
 
 Engines are expensive (~25 s to start on CPU): modules that need one create it in a module-scoped fixture.
 """
@@ -24,3 +24,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from vllm_livevlm.testing.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-llava-ov")), preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25vl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from vllm_livevlm.testing.tiny_qwen_vl import build_tiny_qwen_vl
+
+    return build_tiny_qwen_vl(str(tmp_path_factory.mktemp("tiny-qwen2.5-vl")), preset="qwen2.5-vl-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from vllm_livevlm.testing.tiny_qwen_vl import build_tiny_qwen_vl
+
+    return build_tiny_qwen_vl(str(tmp_path_factory.mktemp("tiny-qwen3-vl")), preset="qwen3-vl-tiny", seed=0)

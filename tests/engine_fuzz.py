@@ -83,7 +83,7 @@ def forged_livevlm(stream_id: str) -> st.SearchStrategy[Any]:
     well_formed = st.fixed_dictionaries({
         "stream_id": st.just(stream_id), "kind": st.sampled_from(["sinks", "clip", "question", "nope"]),
         "version": ints, "context_tokens": ints, "frame_start": ints, "num_frames": ints,
-        "request_id": st.sampled_from(["forged", f"lv-sinks-{stream_id}", f"lv-question-{stream_id}-0"]),
+        "context_extent": ints, "request_id": st.sampled_from(["forged", f"lv-sinks-{stream_id}", f"lv-question-{stream_id}-0"]),
         "mac": st.sampled_from(["0" * 64, "", "x"])})
     return st.fixed_dictionaries({"livevlm": well_formed}) | st.fixed_dictionaries({"livevlm": junk}) | junk
 

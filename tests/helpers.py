@@ -200,3 +200,29 @@ def preempting_engine(model_dir: str, config: dict, dtype: str, prompt_tokens: i
     engine.decode = -prompt_tokens % block + 8
     yield engine
     engine.shutdown()
+
+
+def qwen_video_metadata(frames: int, fps: float, first_frame: int = 0) -> dict:
+    """Video metadata of one clip of a stream (frames `first_frame`.. at `fps`), as vanilla vLLM is given it."""
+    return {"fps": fps, "duration": frames / fps, "total_num_frames": frames,
+            "frames_indices": list(range(first_frame, first_frame + frames)), "video_backend": "opencv",
+            "do_sample_frames": False}
+
+
+def vanilla_qwen_vl_answer(lv, items: list, question: str, max_tokens: int = 32) -> list[int]:
+    """Vanilla Qwen-VL (a plain request: no LiveVLM parameters) over video items: `<|im_start|>user\\n`, one
+    `<|vision_start|><|video_pad|><|vision_end|>` per item, the question turn; greedy token ids."""
+    import uuid
+
+    tok = lv.tokenizer
+    video = [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|video_pad|>", "<|vision_end|>")]
+    prompt = {"prompt_token_ids": tok.encode("<|im_start|>user\n", add_special_tokens=False) + video * len(items)
+              + tok.encode(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False),
+              "multi_modal_data": {"video": items}}
+
+    async def generate() -> list[int]:
+        async for output in lv.engine.generate(prompt, greedy(max_tokens), request_id=f"vanilla-{uuid.uuid4().hex}"):
+            last = output
+        return list(last.outputs[0].token_ids)
+
+    return lv._run(generate())

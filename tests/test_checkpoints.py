@@ -157,13 +157,13 @@ def test_serve_refuses_an_unwritable_state_dir_before_starting_vllm(tmp_path: Pa
 def test_the_checkpoint_flags_reach_the_server() -> None:
     import argparse
 
-    from vllm_livevlm.cli import _limits
+    from vllm_livevlm.cli import limits_from_args
     from vllm_livevlm.config import LiveVLMConfig
     from vllm_livevlm.service_env import STATE_DIR_ENV, livevlm_env
 
     args = argparse.Namespace(livevlm_limits='{"max_streams": 4}', livevlm_checkpoint_every_clips=2,
                               livevlm_checkpoint_every_seconds=None)
-    env = livevlm_env(LiveVLMConfig(), _limits(args), "/var/state")
+    env = livevlm_env(LiveVLMConfig(), limits_from_args(args), "/var/state")
     assert json.loads(env["VLLM_LIVEVLM_LIMITS"]) == {"max_streams": 4, "checkpoint_every_clips": 2}
     assert env[STATE_DIR_ENV] == "/var/state"
     assert STATE_DIR_ENV not in livevlm_env(LiveVLMConfig())

@@ -169,24 +169,20 @@ def test_console_streams_a_camera_and_shows_what_the_answer_read(server, browser
     context.close()
 
 
-@pytest.mark.parametrize("gate", ["server", "router"])
-def test_the_page_loads_without_the_key_and_nothing_else_does(gate):
-    """The key gates (the server's `APIKeyGate`, the Ray router's `RouterGate`) let the console's files through
-    without the key, and nothing beside them: another file under `/livevlm/` or an API route still needs it."""
+def test_the_page_loads_without_the_key_and_nothing_else_does():
+    """The key gate (`APIKeyGate`, also in every Ray Serve replica) lets the console's files through without
+    the key, and nothing beside them: another file under `/livevlm/` or an API route still needs it."""
     from starlette.responses import PlainTextResponse
     from starlette.testclient import TestClient
 
     from vllm_livevlm.serving.access import APIKeyGate
-    from vllm_livevlm.serving.ray.router import RouterGate
 
     app = PlainTextResponse("reached")
-    guarded = APIKeyGate(app, keys=[API_KEY]) if gate == "server" else RouterGate(app, API_KEY, 1024)
-    client = TestClient(guarded)
+    client = TestClient(APIKeyGate(app, keys=[API_KEY]))
     assert sorted(PAGE_PATHS) == ["/livevlm", "/livevlm/", "/livevlm/console.css", "/livevlm/console.js",
                                   "/livevlm/index.html"]
     for path in PAGE_PATHS:
         assert client.get(path).text == "reached", path
-    refused = 401 if gate == "server" else 404  # the router forwards no other path at all
-    assert client.get("/livevlm/secrets.txt").status_code == refused
+    assert client.get("/livevlm/secrets.txt").status_code == 401
     assert client.get("/v1/video/engine").status_code == 401
     assert client.get("/v1/video/engine", headers={"Authorization": f"Bearer {API_KEY}"}).text == "reached"

@@ -35,7 +35,7 @@ def synthetic_tensors(fingerprint: dict = FINGERPRINT, seed: int = 0) -> dict[st
     generator = torch.Generator().manual_seed(seed)
     tp = fingerprint["tp_size"]
     dims = {"L": fingerprint["layers"], "H": fingerprint["kv_heads"] // tp, "D": fingerprint["head_dim"],
-            "S": 3, "n": 32, "p": 2, "m": 5, "F": 1, "h": 8, "w": 8, "c": 3, "E": 4}
+            "S": 3, "n": 32, "p": 2, "m": 5, "A": 0, "F": 1, "h": 8, "w": 8, "c": 3, "E": 4}
     dtypes = {"kv": fmt.torch_dtype(fingerprint["dtype"]), "float32": torch.float32, "float64": torch.float64,
               "int64": torch.int64, "uint8": torch.uint8}
 
@@ -67,7 +67,7 @@ def test_round_trip_is_exact_and_a_standard_safetensors_file():
     tensors = synthetic_tensors()
     data = encode_stream({"model": FINGERPRINT, "stream": {"system_prompt": "é ✓"}}, tensors)
     header, decoded = decode_stream(data, len(data), FINGERPRINT)
-    assert header["format"] == "livevlm-stream" and header["version"] == fmt.FORMAT_VERSION == 1
+    assert header["format"] == "livevlm-stream" and header["version"] == fmt.FORMAT_VERSION == 2
     assert header["model"] == FINGERPRINT and header["stream"] == {"system_prompt": "é ✓"}
     assert decoded.keys() == tensors.keys()
     for name, tensor in tensors.items():
@@ -95,10 +95,28 @@ def test_a_corrupted_byte_fails_the_checksum():
 
 
 def test_a_future_version_is_refused_by_name(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(fmt, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", 3)
     future = synthetic_file()
     monkeypatch.undo()
-    assert refusal(future) == "format version 2 is newer than this server reads (up to 1)"
+    assert refusal(future) == "format version 3 is newer than this server reads (up to 2)"
+
+
+def test_a_version_1_file_is_read_as_a_1d_stream(monkeypatch: pytest.MonkeyPatch):
+    """Files written before position records (checkpoints of a server being upgraded) still restore: their
+    records come back zero-wide, as a 1-D model's are; a version-1 file holding records is malformed."""
+    tensors = synthetic_tensors()
+    old = {name: t for name, t in tensors.items() if not name.endswith(("ltm_pos", "stm_pos"))}
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", 1)
+    v1 = encode_stream({"model": FINGERPRINT, "stream": {}}, old)
+    v1_with_records = encode_stream({"model": FINGERPRINT, "stream": {}}, tensors)
+    monkeypatch.undo()
+    header, decoded = decode_stream(v1, len(v1), FINGERPRINT)
+    assert header["version"] == 1 and decoded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert decoded[name].shape == tensor.shape and torch.equal(decoded[name], tensor), name
+    assert decoded[fmt.shard_name(0, "ltm_pos")].shape[-1] == 0 == decoded[fmt.shard_name(0, "stm_pos")].shape[-1]
+    assert refusal(v1_with_records) == ("the file's tensors do not match the format: missing [], unexpected "
+                                        "[\"'tp0.ltm_pos'\", \"'tp0.stm_pos'\"]")
 
 
 def test_another_model_or_tensor_parallel_size_is_refused_by_name():
@@ -358,7 +376,7 @@ def with_two_kv_heads(data: bytes) -> bytes:
 
 
 def future_version(data: bytes, monkeypatch: pytest.MonkeyPatch) -> bytes:
-    monkeypatch.setattr(fmt, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", 3)
     try:
         return reencoded(data)
     finally:
@@ -383,7 +401,7 @@ def test_bad_files_get_400_naming_the_reason_and_nothing_is_loaded(server, origi
         "foreign weights": (reencoded(data, lambda h: h["model"].update(weights_sha256="f" * 64)),
                             "the file is from another model: its weights_sha256 is 'f"),
         "foreign shape": (with_two_kv_heads(data), "the file is from another model: its kv_heads is 2, this engine's is 1"),
-        "future version": (future_version(data, monkeypatch), "format version 2 is newer than this server reads (up to 1)"),
+        "future version": (future_version(data, monkeypatch), "format version 3 is newer than this server reads (up to 2)"),
         "plain safetensors": (save({"x": torch.zeros(3)}), "not a LiveVLM stream file"),
         "config over the limits": (reencoded(data, lambda h: h["stream"]["config"].update(long_term_budget_tokens=10**9)),
                                    "bytes of stream memory, over the per-stream limit"),
@@ -514,3 +532,12 @@ def test_fuzzed_files_never_get_a_5xx_and_the_server_keeps_serving(server, origi
             await client.delete(f"/v1/video/streams/{kept['id']}", headers={"X-Stream-Token": kept["token"]})
 
     asyncio.run(run())
+
+
+def test_wire_bytes_of_a_tensor_with_a_zero_stride_size_1_dim():
+    """Such a tensor counts as contiguous yet refuses a byte view (a stream's export failed on one)."""
+    from vllm_livevlm.portable.wire import from_wire, to_wire
+
+    tensor = torch.arange(2, dtype=torch.long).as_strided((2, 1), (1, 0))
+    assert tensor.is_contiguous() and tensor.stride() == (1, 0)
+    assert from_wire(to_wire(tensor)).tolist() == [[0], [1]]

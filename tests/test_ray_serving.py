@@ -1,118 +1,110 @@
-"""Scale-out with Ray: a real `vllm-livevlm serve-ray MODEL --replicas 2` (local Ray cluster, two LiveVLM
-server replicas behind the router), driven over HTTP and websocket (CPU, tiny model)."""
+"""LiveVLM on Ray Serve: a real `vllm-livevlm serve-ray MODEL --replicas 2` (local Ray cluster, Serve's HTTP
+proxy, two replicas each running one engine, the stream-affinity router), driven over HTTP and websocket and
+compared token for token with one plain `vllm-livevlm serve` (CPU, tiny model)."""
 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import re
-import select
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import requests
+import yaml
+
+from helpers import QUESTION, Server, free_port
 
 pytestmark = pytest.mark.slow
 
 CONFIG = {"clip_frames": 4, "long_term_budget_tokens": 1024, "page_tokens": 16}
-QUESTION = "what is happening in the video?"
-API_KEY = "ray-test-key"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}  # vLLM's --api-key, checked by each replica
+API_KEY = "serve-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 STREAMS = 6
 ROUNDS = 3  # per stream: push a clip, then (from the second round on) ask
-MAX_UPLOAD = 8 * 1024 * 1024  # the replicas' `max_upload_bytes`, which the router takes as its own
-MiB = 1024 * 1024
 
-
-# Joins the cluster as a second driver and kills a named actor: argv = Ray address, actor name.
-_KILL_ACTOR = """
+# Joins the cluster as a second driver and kills one Serve actor: argv = Ray address, "proxy" or a home tag
+# (a replica: its streams are claimed first in the name of no replica, so that none heals them until the
+# claim is released with argv = Ray address, "release", the tag).
+_KILL = """
 import sys
 import ray
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+from vllm_livevlm.serving.ray.ids import home_tag
 ray.init(address=sys.argv[1], log_to_driver=False)
-actor = next(a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == sys.argv[2])
-ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+if sys.argv[2] == "release":
+    _internal_kv_del(f"claim/{sys.argv[3]}", namespace="livevlm")
+    sys.exit()
+if sys.argv[2] == "proxy":
+    name = next(n for n in names if n.startswith("SERVE_PROXY_ACTOR"))
+else:
+    name = next(n for n in names if n.startswith("SERVE_REPLICA") and home_tag(n.rsplit("#", 1)[1]) == sys.argv[2])
+    _internal_kv_put(f"claim/{sys.argv[2]}", b"held-by-the-test", namespace="livevlm")
+ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+print(name)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Joins the cluster; with a config path, deploys it again with N replicas (what `serve deploy` of the edited
+# file does); returns once N replicas run: argv = Ray address, N, [config path].
+_REPLICAS = """
+import sys, time
+import ray, yaml
+from ray import serve
+from ray.serve._private.api import serve_start
+from ray.serve.schema import ServeDeploySchema
+ray.init(address=sys.argv[1], log_to_driver=False)
+if len(sys.argv) > 3:
+    config = yaml.safe_load(open(sys.argv[3]))
+    config["applications"][0]["deployments"][0]["num_replicas"] = int(sys.argv[2])
+    serve_start().deploy_apps(ServeDeploySchema.model_validate(config))
+deployment = lambda: serve.status().applications["livevlm"].deployments["LiveVLMServer"]
+while deployment().replica_states != {"RUNNING": int(sys.argv[2])}:
+    time.sleep(0.5)
+"""
 
 
-@pytest.fixture(scope="module")
-def deployment(tiny_model_dir, tmp_path_factory):
-    """The CLI with 2 replicas; yields (router URL, Ray address, the router's pid). Replicas get a 1 GiB KV
-    pool each. The API key is given the way vLLM users give it, on the command line of `serve-ray`."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve-ray") / "serve-ray.log"
-    log = open(log_path, "w+")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm_livevlm.cli", "serve-ray", tiny_model_dir, "--replicas", "2",
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "16384",
-         "--livevlm-config", json.dumps(CONFIG), "--livevlm-limits", json.dumps({"max_upload_bytes": MAX_UPLOAD}),
-         "--api-key", API_KEY],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # two engines starting on a busy 2-core machine
-    while time.time() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"serve-ray exited:\n{log.read()[-4000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("serve-ray did not start in 600 s")
-    address = re.search(r"Ray cluster at (\S+):", log_path.read_text()).group(1)
-    yield url, address, process.pid  # the router runs in the CLI's process
-    process.send_signal(signal.SIGINT)  # the CLI stops its replicas and its Ray cluster
-    try:
-        process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        process.kill()
+# An operator's driver joining the cluster (Ray-started clusters use token auth: ~/.ray/auth_token).
+_DRIVER_ENV = dict(os.environ, RAY_AUTH_MODE="token")
+
+
+def _kill(address: str, *which: str) -> str:
+    done = subprocess.run([sys.executable, "-c", _KILL, address, *which], capture_output=True, text=True,
+                          timeout=120, env=_DRIVER_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
 
 
 class Client:
-    """Plain HTTP against the router or one replica, carrying the API key and each stream's owner token (if
-    the server issues them) the way a user would."""
+    """Plain HTTP with the API key and each stream's owner token, the way a user would."""
 
-    def __init__(self, url: str, tokens: dict[str, dict[str, str]] | None = None):
-        self.url = url
-        self.tokens = {} if tokens is None else tokens
+    def __init__(self, url: str, auth: dict[str, str]):
+        self.url, self.auth, self.tokens = url, auth, {}
 
     def create(self) -> str:
-        response = requests.post(f"{self.url}/v1/video/streams", json={"config": {}}, headers=AUTH)
+        response = requests.post(f"{self.url}/v1/video/streams", json={"config": {}}, headers=self.auth)
         assert response.status_code == 200, response.text
         body = response.json()
-        self.tokens[body["id"]] = {**AUTH, **({"X-Stream-Token": body["token"]} if body.get("token") else {})}
+        self.tokens[body["id"]] = {**self.auth, **({"X-Stream-Token": body["token"]} if body.get("token") else {})}
         return body["id"]
 
     def push(self, stream_id: str, jpegs: list[bytes]) -> requests.Response:
         return requests.post(f"{self.url}/v1/video/streams/{stream_id}/frames?wait=true",
-                             headers=self.tokens.get(stream_id, {}),
+                             headers=self.tokens.get(stream_id, self.auth),
                              files=[("frames", (f"{i}.jpg", j, "image/jpeg")) for i, j in enumerate(jpegs)])
 
     def ask(self, stream_id: str, max_tokens: int = 8) -> requests.Response:
         return requests.post(f"{self.url}/v1/chat/completions",
-                             headers={"X-Session-ID": stream_id, **self.tokens.get(stream_id, {})},
+                             headers={"X-Session-ID": stream_id, **self.tokens.get(stream_id, self.auth)},
                              json={"model": "m", "messages": [{"role": "user", "content": QUESTION}],
                                    "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True})
 
@@ -121,14 +113,6 @@ class Client:
         assert response.status_code == 200, response.text
         body = response.json()
         return body["choices"][0]["message"]["content"], body["livevlm"]["frames_covered"]
-
-    def model(self) -> str:
-        return requests.get(f"{self.url}/v1/models", headers=AUTH).json()["data"][0]["id"]
-
-    def engine(self) -> dict:
-        """The engine view, presenting the owner token of every stream this client created."""
-        tokens = ",".join(t["X-Stream-Token"] for t in self.tokens.values() if "X-Stream-Token" in t)
-        return requests.get(f"{self.url}/v1/video/engine", headers={**AUTH, "X-Stream-Token": tokens}).json()
 
 
 def _clip(stream: int, round_: int) -> list[bytes]:
@@ -149,62 +133,90 @@ def _run_stream(client: Client, stream_id: str, stream: int) -> list[tuple[str, 
 
 
 @pytest.fixture(scope="module")
-def placed(deployment):
-    """6 streams created through the router and run concurrently (all streams interleaved, both replicas
-    busy at once); their answers, and the router's placement."""
-    url, _, _ = deployment
-    client = Client(url)
+def reference(tiny_model_dir, tmp_path_factory):
+    """Every stream's answers from one plain `vllm-livevlm serve` (streams one after another), before Serve
+    starts (at most two engines at a time on this machine)."""
+    server = Server(tiny_model_dir, tmp_path_factory.mktemp("plain") / "serve.log", CONFIG).wait_ready()
+    try:
+        client = Client(server.url, {})
+        return [_run_stream(client, client.create(), stream) for stream in range(STREAMS)]
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(reference, tiny_model_dir, tmp_path_factory):
+    """`serve-ray` with 2 replicas (1 GiB KV pool each), the API key on its command line and a state root;
+    yields (proxy URL, Ray address, the Serve config file it wrote, the state root)."""
+    directory = tmp_path_factory.mktemp("serve-ray")
+    port, log_path, config_path = free_port(), directory / "serve-ray.log", directory / "serve.yaml"
+    state_root = directory / "state"
+    log = open(log_path, "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm_livevlm.cli", "serve-ray", tiny_model_dir, "--replicas", "2", "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "16384", "--livevlm-config",
+         json.dumps(CONFIG), "--api-key", API_KEY, "--serve-config", str(config_path),
+         # a checkpoint after every clip, never by time: the frames of a clip not yet encoded are lost in a crash
+         "--livevlm-state-dir", str(state_root), "--livevlm-checkpoint-every-clips", "1",
+         "--livevlm-checkpoint-every-seconds", "3600"],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600  # two engines starting on a busy 2-core machine
+    while "LiveVLM on Ray Serve at" not in log_path.read_text():
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"serve-ray did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+    address = re.search(r"Ray cluster at (\S+)", log_path.read_text()).group(1)
+    yield url, address, config_path, state_root
+    process.send_signal(signal.SIGINT)  # the CLI deletes the application and stops its Ray cluster
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def placed(cluster):
+    """6 streams created through Serve, then run concurrently (pushes and questions of all streams
+    interleaved, both replicas busy at once)."""
+    client = Client(cluster[0], AUTH)
     ids = [client.create() for _ in range(STREAMS)]
-    start = time.perf_counter()
     with ThreadPoolExecutor(STREAMS) as pool:
         answers = list(pool.map(lambda i: _run_stream(client, ids[i], i), range(STREAMS)))
-    print(f"\n{STREAMS} streams x {ROUNDS} clips + {ROUNDS - 1} questions through the router: "
-          f"{time.perf_counter() - start:.1f} s")
     return client, ids, answers
 
 
-def test_streams_spread_evenly_and_answer_like_a_single_server(placed):
+def test_streams_are_placed_3_3_and_answer_like_one_plain_server(placed, reference):
     client, ids, answers = placed
-    replicas = client.engine()["replicas"]
-    assert [len(r["stream_ids"]) for r in replicas] == [3, 3]
-    assert sorted(s for r in replicas for s in r["stream_ids"]) == sorted(ids)
-    assert [r["streams"] for r in replicas] == [3, 3]  # the replicas' own count agrees
-    for answer in answers:
-        assert [covered for _, covered in answer] == [CONFIG["clip_frames"] * (r + 1) for r in range(1, ROUNDS)]
-
-    # The same streams, one after another, on one LiveVLM server directly (no router): same answers.
-    single = Client(replicas[0]["url"])
-    for stream in range(STREAMS):
-        stream_id = single.create()
-        assert _run_stream(single, stream_id, stream) == answers[stream], f"stream {stream}"
-        assert requests.delete(f"{single.url}/v1/video/streams/{stream_id}", headers=single.tokens[stream_id]).ok
+    homes = Counter(stream_id[:8] for stream_id in ids)  # an id names its home replica
+    assert sorted(homes.values()) == [3, 3], homes
+    assert answers == reference  # token for token: each stream's memory is on its home, and only there
 
 
-def test_api_key_and_owner_tokens_work_through_the_router(placed):
+def test_the_api_key_and_owner_tokens_are_checked_through_serve(placed):
     client, ids, _ = placed
     assert requests.post(f"{client.url}/v1/video/streams", json={}).status_code == 401
     chat = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
-    no_key = requests.post(f"{client.url}/v1/chat/completions", json=chat, headers={"X-Session-ID": ids[0]})
-    assert no_key.status_code == 401, no_key.text
-    if "X-Stream-Token" in client.tokens[ids[0]]:  # owner tokens (issued at creation) are checked too
-        other = requests.post(f"{client.url}/v1/chat/completions", json=chat,
-                              headers={"X-Session-ID": ids[0], **client.tokens[ids[1]]})
-        assert other.status_code == 403, other.text
+    assert requests.post(f"{client.url}/v1/chat/completions", json=chat,
+                         headers={"X-Session-ID": ids[0]}).status_code == 401
+    other = requests.post(f"{client.url}/v1/chat/completions", json=chat,
+                          headers={"X-Session-ID": ids[0], **client.tokens[ids[1]]})
+    assert other.status_code == 403, other.text
 
 
-def test_sse_and_websocket_through_the_router(placed):
+def test_sse_and_websocket_through_serve(placed, reference):
     import websockets
 
-    client, ids, answers = placed
-    stream_id = ids[1]
+    client, ids, _ = placed
     response = requests.post(f"{client.url}/v1/chat/completions", stream=True,
-                             headers={"X-Session-ID": stream_id, **client.tokens[stream_id]},
+                             headers={"X-Session-ID": ids[1], **client.tokens[ids[1]]},
                              json={"model": "m", "messages": [{"role": "user", "content": QUESTION}],
                                    "max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "stream": True})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True)
               if line.startswith("data: ") and line != "data: [DONE]"]
-    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == answers[1][-1][0]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == reference[1][-1][0]
 
     fresh = client.create()  # frames sent over the socket change a stream: not one whose answers we keep
     assert client.push(fresh, _clip(99, 0)).status_code == 200
@@ -223,321 +235,234 @@ def test_sse_and_websocket_through_the_router(placed):
     deltas, done = asyncio.run(socket_question())
     assert done["type"] == "answer.done", done
     assert "".join(deltas) == done["text"] and done["frames_covered"] == CONFIG["clip_frames"] + 1
+    assert requests.delete(f"{client.url}/v1/video/streams/{fresh}", headers=client.tokens.pop(fresh)).ok
 
 
-def test_an_exported_stream_is_imported_through_the_router(placed):
-    """Export through the router reaches the stream's home; import is placed like a creation: the copy gets
-    a new id the router routes, and answers as the original."""
-    client, ids, _ = placed
-    exported = requests.get(f"{client.url}/v1/video/streams/{ids[0]}/export", headers=client.tokens[ids[0]])
-    assert exported.status_code == 200 and exported.content, exported.text
-    imported = requests.post(f"{client.url}/v1/video/streams/import", data=exported.content,
-                             headers={**AUTH, "Content-Type": "application/octet-stream"})
-    assert imported.status_code == 200, imported.text
-    copy = imported.json()["id"]
-    assert copy != ids[0]
-    client.tokens[copy] = {**AUTH, "X-Stream-Token": imported.json()["token"]}
-    try:
-        assert client.answer(copy) == client.answer(ids[0])
-    finally:
-        assert requests.delete(f"{client.url}/v1/video/streams/{copy}", headers=client.tokens.pop(copy)).ok
+def _forgeries(real: str) -> dict[str, str]:
+    flipped = "0" if real[-1] != "0" else "1"
+    return {"random 64 digits": "ab" * 32, "a real id's MAC altered": real[:-1] + flipped,
+            "a real tag, a new random part": real[:8] + "0" * 24 + real[40:],
+            "a single server's id": "0123456789abcdef" * 2, "not hex": "z" * 64}
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of one process."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
-
-
-class _PeakRSS(threading.Thread):
-    """Samples a process's RSS every 20 ms; `growth` is the peak over the first sample."""
-
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.pid, self.base, self.peak, self.done = pid, _rss(pid), 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.02):
-            self.peak = max(self.peak, _rss(self.pid))
-
-    @property
-    def growth(self) -> int:
-        return max(self.peak, _rss(self.pid)) - self.base
-
-
-def _chunked_upload(url: str, path: str, headers: dict[str, str], total: int, first: bytes = b"",
-                    wait_before_body: float = 0.0, give_up: Callable[[], bool] = lambda: False
-                    ) -> tuple[int | None, int]:
-    """POST a chunked body of `total` bytes (`first`, then zeros, 1 MiB chunks made on the fly: never held
-    whole) over a raw socket, like a client that reads the answer while it sends. Stops sending at the first
-    byte of a response or a closed connection; returns (the response's status, body bytes sent), or
-    (None, bytes sent) as soon as `give_up()`."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=60)
-    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Transfer-Encoding: chunked",
-            *(f"{k}: {v}" for k, v in headers.items())]
-    sent = 0
-    zeros = bytes(MiB)
-    try:
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        select.select([sock], [], [], wait_before_body)
-        while sent < total and not select.select([sock], [], [], 0)[0]:
-            if give_up():
-                sock.close()
-                return None, sent
-            chunk = first if sent == 0 and first else zeros[:min(MiB, total - sent)]
-            sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            sent += len(chunk)
-        if sent >= total:
-            sock.sendall(b"0\r\n\r\n")
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    try:
-        status_line = sock.makefile("rb").readline()
-    except (ConnectionResetError, socket.timeout):
-        status_line = b""
-    finally:
-        sock.close()
-    return (int(status_line.split()[1]) if status_line.startswith(b"HTTP/1.1 ") else None), sent
-
-
-def test_an_unauthenticated_gigabyte_is_refused_before_it_is_read(deployment):
-    url, _, router_pid = deployment
-    rss = _PeakRSS(router_pid)
-    rss.start()
-    start = time.perf_counter()
-    for path in ("/v1/video/streams", "/v1/chat/completions", "/v1/video/streams/anything/frames"):
-        status, sent = _chunked_upload(url, path, {"Content-Type": "application/json"}, 1024 * MiB,
-                                       wait_before_body=2.0, give_up=lambda: rss.growth > 300 * MiB)
-        assert (status, sent) == (401, 0), path
-    rss.done.set()
-    print(f"\n3 unauthenticated 1 GiB chunked uploads: 401 in {time.perf_counter() - start:.1f} s, router RSS "
-          f"+{rss.growth / MiB:.1f} MiB")
-    assert rss.growth < 100 * MiB
-    assert requests.get(f"{url}/health").status_code == 200
-
-
-def test_uploads_are_counted_as_they_arrive(deployment, placed):
-    url, _, router_pid = deployment
-    client, _, _ = placed
-    stream_id = client.create()
-    rss = _PeakRSS(router_pid)
-    rss.start()
-    part = (b'--B\r\nContent-Disposition: form-data; name="frames"; filename="0.jpg"\r\n'
-            b"Content-Type: image/jpeg\r\n\r\n")
-    frames = _chunked_upload(url, f"/v1/video/streams/{stream_id}/frames",
-                             {**client.tokens[stream_id], "Content-Type": "multipart/form-data; boundary=B"},
-                             8 * MAX_UPLOAD, first=part)
-    chat = _chunked_upload(url, "/v1/chat/completions", {**AUTH, "Content-Type": "application/json"},
-                           8 * MAX_UPLOAD, first=b'{"model": "m", "messages": "')
-    rss.done.set()
-    for status, sent in (frames, chat):  # refused once over, not at the end (socket buffers hold some MiB)
-        assert status == 413 and MAX_UPLOAD <= sent < 4 * MAX_UPLOAD, (status, sent)
-    declared = requests.post(f"{url}/v1/chat/completions", data=b"x" * (MAX_UPLOAD + 1), headers=AUTH)
-    assert declared.status_code == 413 and str(MAX_UPLOAD) in declared.json()["error"]["message"]
-    print(f"\nchunked uploads past {MAX_UPLOAD // MiB} MiB: 413 after {frames[1] / MiB:.0f} / {chat[1] / MiB:.0f} "
-          f"MiB, router RSS +{rss.growth / MiB:.1f} MiB")
-    assert rss.growth < 100 * MiB
-    assert client.push(stream_id, _clip(7, 0)).status_code == 200  # the stream is unharmed
-    assert requests.delete(f"{url}/v1/video/streams/{stream_id}", headers=client.tokens[stream_id]).ok
-
-
-def _raw_get(url: str, path: str, headers: dict[str, str]) -> int:
-    """A GET with the path sent exactly as given (`requests` would remove dot segments first)."""
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        connection.request("GET", path, headers=headers)
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
-
-
-def test_only_plain_paths_of_our_routes_and_the_openai_routes_are_forwarded(placed):
-    client, ids, _ = placed
-    stream_id = ids[0]
-    paths = ["/v1/models/../../metrics", "/v1/models/%2e%2e/%2e%2e/metrics", "/v1/models/%2E%2E%2F%2E%2E%2Fmetrics",
-             "/v1/models/..%5c..%5cmetrics", f"/v1/video/streams/{stream_id}/../../../metrics",
-             f"/v1/video/streams/{stream_id}/./frames", "//metrics", "/v1//models", "/v1/models/",
-             f"/v1/video/streams/{stream_id}%2fframes", "/metrics", "/invocations", "/version", "/tokenize",
-             "/docs", "/openapi.json", "/v1/embeddings", "/v1/video"]
-    for headers in ({}, {**AUTH, **client.tokens[stream_id]}):
-        statuses = {path: _raw_get(client.url, path, headers) for path in paths}
-        assert statuses == dict.fromkeys(paths, 404)
-    assert _raw_get(client.url, "/v1/models", AUTH) == 200
-    assert _raw_get(client.url, "/v1/models", {}) == 401
-    assert _raw_get(client.url, f"/v1/video/streams/{stream_id}", client.tokens[stream_id]) == 200
-    assert _raw_get(client.url, "/health", {}) == 200
-
-
-def test_the_engine_view_needs_the_key_and_lists_only_owned_streams(placed):
-    client, ids, _ = placed
-    anonymous = requests.get(f"{client.url}/v1/video/engine")
-    assert anonymous.status_code == 401
-    assert "http://" not in anonymous.text and not any(s in anonymous.text for s in ids)
-
-    def listed(tokens: str | None) -> list[str]:
-        view = requests.get(f"{client.url}/v1/video/engine",
-                            headers={**AUTH, **({"X-Stream-Token": tokens} if tokens is not None else {})}).json()
-        assert [r["url"].startswith("http://") for r in view["replicas"]] == [True, True]  # for the key holder
-        assert view["streams"] >= len(ids)
-        return sorted(s for r in view["replicas"] for s in r["stream_ids"])
-
-    assert listed(None) == []
-    assert listed("not-a-token") == []
-    mine = [ids[0], ids[3]]
-    assert listed(",".join(client.tokens[s]["X-Stream-Token"] for s in mine)) == sorted(mine)
-
-
-def test_no_api_key_on_any_replica_command_line(deployment):
-    from vllm_livevlm.serving.ray.router import RouterLimits
-    from vllm_livevlm.serving.service import ServerLimits
-
-    url, _, router_pid = deployment
-    leaks = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:  # not a process, or gone
-            continue
-        if proc.name.isdigit() and int(proc.name) != router_pid and API_KEY.encode() in cmdline:
-            leaks[proc.name] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:300]
-    assert leaks == {}
-    # The replicas still require the key (they read it from their environment).
-    view = requests.get(f"{url}/v1/video/engine", headers=AUTH).json()
-    for replica in view["replicas"]:
-        assert requests.get(f"{replica['url']}/v1/models").status_code == 401
-        assert requests.get(f"{replica['url']}/v1/models", headers=AUTH).status_code == 200
-    assert RouterLimits().max_upload_bytes == ServerLimits().max_upload_bytes  # one default for both
-
-
-def test_client_transfer_fields_are_refused_at_the_router(placed):
-    client, ids, _ = placed
-    forged = {"model": "m", "prompt": "x", "max_tokens": 1,
-              "kv_transfer_params": {"livevlm": {"kind": "question", "stream_id": ids[0]}}}
-    assert requests.post(f"{client.url}/v1/completions", json=forged).status_code == 401
-    for path, body in (("/v1/completions", forged),
-                       ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                                 "vllm_xargs": {"kv_transfer_params": {"livevlm": {}}}})):
-        refused = requests.post(f"{client.url}{path}", json=body, headers={"X-Session-ID": ids[0], **AUTH,
-                                                                           **client.tokens[ids[0]]})
-        assert refused.status_code == 400 and "kv_transfer_params" in refused.text, refused.text
-
-
-def test_browser_websocket_credentials_through_the_router(placed):
-    """A browser sends the API key and the owner token as subprotocols; a refusal is the HTTP status."""
+def test_forged_and_foreign_ids_are_refused_by_the_proxy(placed):
     import websockets
 
     client, ids, _ = placed
-    stream_id = client.create()
-    url = client.url.replace("http", "ws", 1) + f"/v1/video/streams/{stream_id}/ws"
-    token = client.tokens[stream_id]["X-Stream-Token"]
+    headers = client.tokens[ids[0]]
+    for what, forged in _forgeries(ids[0]).items():
+        answers = [requests.get(f"{client.url}/v1/video/streams/{forged}", headers=headers),
+                   client.push(forged, _clip(0, 0)), requests.post(
+                       f"{client.url}/v1/chat/completions", headers={**headers, "X-Session-ID": forged},
+                       json={"model": "m", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2})]
+        for response in answers:
+            assert response.status_code == 404, (what, response.text)
+            assert response.headers.get("x-livevlm-refused-by") == "proxy", what  # no replica saw it
+            assert response.json()["error"]["param"] == "stream_id"
 
-    async def connect(subprotocols: list[str]):
+        async def handshake():
+            url = client.url.replace("http", "ws", 1) + f"/v1/video/streams/{forged}/ws"
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(url, additional_headers=headers):
+                    pass
+            return refused.value.response
+
+        refused = asyncio.run(handshake())
+        assert refused.status_code == 404 and refused.headers.get("x-livevlm-refused-by") == "proxy", what
+    # An authentic id the home no longer holds is that replica's 404 (it knows the id, not the stream).
+    gone = client.create()
+    assert requests.delete(f"{client.url}/v1/video/streams/{gone}", headers=client.tokens[gone]).ok
+    response = requests.get(f"{client.url}/v1/video/streams/{gone}", headers=client.tokens[gone])
+    assert response.status_code in (404, 410) and "x-livevlm-refused-by" not in response.headers
+
+
+def test_a_chat_naming_its_stream_in_the_body_is_routed_to_its_home(placed, reference):
+    """The single server's API: `session_id` in the JSON body, without the header or with a header naming a
+    stream on the other replica (the body wins, as in vLLM: the proxy sends it to the body's stream's home);
+    a forged id in the body is refused by the proxy, and so is a body past the limit (413, before more of
+    it is buffered)."""
+    client, ids, _ = placed
+    url = f"{client.url}/v1/chat/completions"
+    chat = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,
+            "temperature": 0.0, "ignore_eos": True}
+    elsewhere = next(stream_id for stream_id in ids if stream_id[:8] != ids[0][:8])
+    for header in ({}, {"X-Session-ID": elsewhere}):
+        response = requests.post(url, json={**chat, "session_id": ids[0]}, headers={**client.tokens[ids[0]], **header})
+        assert response.status_code == 200, (header, response.text)
+        body = response.json()
+        assert (body["choices"][0]["message"]["content"], body["livevlm"]["frames_covered"]) == reference[0][-1]
+    forged = requests.post(url, json={**chat, "session_id": "ab" * 32}, headers=client.tokens[ids[0]])
+    assert forged.status_code == 404 and forged.headers.get("x-livevlm-refused-by") == "proxy", forged.text
+    limit = 8 * 1024 * 1024  # the replicas' max_request_body_bytes (the default)
+    declared = requests.post(url, data=b" " * (limit + 1), headers={**AUTH, "Content-Type": "application/json"})
+    chunked = requests.post(url, data=(b" " * 2**20 for _ in range(9)),
+                            headers={**AUTH, "Content-Type": "application/json"})
+    for response in (declared, chunked):
+        assert response.status_code == 413 and response.headers.get("x-livevlm-refused-by") == "proxy"
+        assert response.json()["error"]["code"] == 413
+    # Without the key the proxy reads no body (it would refuse this forged id in it): the replica refuses the
+    # request from its head (401), as it does without Serve.
+    anonymous = requests.post(url, json={**chat, "session_id": "ab" * 32})
+    assert anonymous.status_code == 401 and "x-livevlm-refused-by" not in anonymous.headers, anonymous.text
+
+
+def test_a_restarted_proxy_routes_every_stream_home(placed, cluster, reference):
+    client, ids, _ = placed
+    url, address, _, _ = cluster
+    killed = _kill(address, "proxy")
+    assert killed.startswith("SERVE_PROXY_ACTOR")
+    deadline = time.time() + 120
+    while True:  # Serve's controller starts a new proxy on the node
         try:
-            async with websockets.connect(url, subprotocols=subprotocols) as ws:
-                await ws.send(_clip(5, 0)[0])
-                return ws.subprotocol, json.loads(await ws.recv())["type"]
-        except websockets.InvalidStatus as e:
-            return e.response.status_code, None
-
-    try:
-        assert asyncio.run(connect(["livevlm", f"livevlm.key.{API_KEY}", f"livevlm.token.{token}"])) == \
-            ("livevlm", "frames.accepted")
-        assert asyncio.run(connect(["livevlm", f"livevlm.token.{token}"])) == (401, None)  # no key: the router
-        assert asyncio.run(connect(["livevlm", f"livevlm.key.{API_KEY}", "livevlm.token.wrong"])) == (403, None)
-    finally:
-        assert requests.delete(f"{client.url}/v1/video/streams/{stream_id}", headers=client.tokens[stream_id]).ok
-
-
-def test_streamed_answers_do_not_block_stream_creation(placed):
-    client, _, _ = placed
-    answers = 150
-    model = client.model()
-    started = threading.Semaphore(0)
-    stop = threading.Event()
-
-    def long_answer(i: int) -> int:
-        """A stock streamed completion that runs until `stop`; how many events it received."""
-        events = 0
-        with requests.post(f"{client.url}/v1/completions", stream=True, headers=AUTH, timeout=300,
-                           json={"model": model, "prompt": f"{QUESTION} {i}", "max_tokens": 4000,
-                                 "temperature": 0.0, "ignore_eos": True, "stream": True}) as r:
-            assert r.status_code == 200, r.text
-            for line in r.iter_lines():
-                if line.startswith(b"data: "):
-                    events += 1
-                    if events == 1:
-                        started.release()
-                    if stop.is_set():
-                        break
-        return events
-
-    with ThreadPoolExecutor(answers) as pool:
-        futures = [pool.submit(long_answer, i) for i in range(answers)]
-        try:
-            deadline = time.monotonic() + 180
-            running = sum(started.acquire(timeout=max(0.0, deadline - time.monotonic())) for _ in range(answers))
-            assert running == answers, f"only {running} of {answers} streamed answers started"
-            begin = time.perf_counter()
-            stream_id = client.create()
-            created_in = time.perf_counter() - begin
-        finally:
-            stop.set()
-        events = [f.result() for f in futures]
-    print(f"\n{answers} streamed answers running: stream created in {created_in:.2f} s "
-          f"(events per answer: min {min(events)}, max {max(events)})")
-    assert created_in < 10
-    assert min(events) > 1  # still streaming when the stream was created
-    assert requests.delete(f"{client.url}/v1/video/streams/{stream_id}", headers=client.tokens[stream_id]).ok
-
-
-def test_a_killed_replica_loses_only_its_streams(deployment, placed):
-    import websockets
-
-    url, address, _ = deployment
-    client, ids, answers = placed
-    replicas = client.engine()["replicas"]
-    dead, survivor = replicas[0], replicas[1]
-    # An operator's `ray.kill` from another driver (Ray-started clusters use token auth: ~/.ray/auth_token).
-    kill = subprocess.run(
-        [sys.executable, "-c", _KILL_ACTOR, address, f"livevlm-replica-{dead['replica']}"],
-        env=dict(os.environ, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
-    assert kill.returncode == 0, kill.stderr[-3000:]
-    deadline = time.time() + 60  # the replica's server dies with its actor
-    while time.time() < deadline:
-        try:
-            requests.get(f"{dead['url']}/health", timeout=2)
-            time.sleep(0.5)
+            if requests.get(f"{url}/-/healthz", timeout=2).status_code == 200:
+                break
         except requests.ConnectionError:
-            break
-    else:
-        pytest.fail(f"the killed replica's server at {dead['url']} still answers")
+            pass
+        assert time.time() < deadline, "no proxy came back"
+        time.sleep(0.5)
+    for stream, stream_id in enumerate(ids):  # the same question on the same frames: the same answer
+        assert client.answer(stream_id) == reference[stream][-1], stream
 
-    for stream_id in dead["stream_ids"]:
-        for response in (client.ask(stream_id), client.push(stream_id, _clip(0, 0)),
-                         requests.get(f"{url}/v1/video/streams/{stream_id}", headers=client.tokens[stream_id])):
-            assert response.status_code == 503, response.text
-            error = response.json()["error"]
-            assert stream_id in error["message"] and "lost" in error["message"] and error["code"] == 503
 
-    async def socket_error(stream_id):
-        async with websockets.connect(url.replace("http", "ws", 1) + f"/v1/video/streams/{stream_id}/ws",
-                                      additional_headers=client.tokens[stream_id]) as ws:
-            return json.loads(await ws.recv())
+def _checkpointed(path) -> None:
+    """Wait for a stream's checkpoint file."""
+    deadline = time.time() + 60
+    while not path.exists():
+        assert time.time() < deadline, f"{path} not written"
+        time.sleep(0.2)
 
-    message = asyncio.run(socket_error(dead["stream_ids"][0]))
-    assert message["type"] == "error" and message["error"]["code"] == 503
-    assert dead["stream_ids"][0] in message["error"]["message"]
 
-    for stream_id in set(survivor["stream_ids"]) & set(ids):  # unchanged memory: the same answer as before
-        assert client.answer(stream_id) == answers[ids.index(stream_id)][-1]
+def test_a_killed_replicas_streams_are_restored_on_the_survivor(placed, cluster, reference):
+    """Its streams answer 503 + Retry-After, then answer again from their checkpoint on the other replica
+    (equal to an uninterrupted twin: the plain server's stream fed the same checkpointed frames) and report
+    the frames they lost; the other replica's streams answer throughout."""
+    client, ids, _ = placed
+    url, address, _, state_root = cluster
+    tag = ids[0][:8]
+    victims = [i for i, stream_id in enumerate(ids) if stream_id[:8] == tag]
+    others = [i for i in range(STREAMS) if i not in victims]
+    for i in victims:  # a clip's frames are not checkpointed before the clip is encoded: these 2 are lost
+        _checkpointed(state_root / tag / f"{ids[i]}.livevlm")  # after its last clip: written by now
+        response = requests.post(f"{url}/v1/video/streams/{ids[i]}/frames", headers=client.tokens[ids[i]],
+                                 files=[("frames", (f"{n}.jpg", j, "image/jpeg")) for n, j in
+                                        enumerate(_clip(i, ROUNDS)[:2])])
+        assert response.status_code == 200 and response.json()["frames_accepted"] == 2, response.text
+    statuses: dict[int, list[int]] = {i: [] for i in victims}
+    other_answers: list[tuple[int, tuple[str, int]]] = []
+    killed_at = time.time()
+    _kill(address, tag)  # claimed by the test: the outage lasts until the claim is released
+    held = True
+    while time.time() - killed_at < 90 and not all(s and s[-1] == 200 for s in statuses.values()):
+        if held and all(s.count(503) >= 2 for s in statuses.values()):
+            _kill(address, "release", tag)
+            held = False
+        for i in others:  # never miss an answer
+            other_answers.append((i, client.answer(ids[i])))
+        for i in victims:
+            if statuses[i] and statuses[i][-1] == 200:
+                continue
+            response = client.ask(ids[i])
+            statuses[i].append(response.status_code)
+            if response.status_code == 503:  # the single server's error format, from the proxy
+                assert response.headers["retry-after"] == "2" and response.json()["error"]["code"] == 503
+                assert response.json()["error"]["param"] == "stream_id"
+                assert f"video stream '{ids[i]}' is unavailable" in response.json()["error"]["message"]
+            elif response.status_code == 200:
+                body = response.json()
+                assert (body["choices"][0]["message"]["content"], body["livevlm"]["frames_covered"]) == \
+                    reference[i][-1], i
+        time.sleep(0.2)
+    healed_in = time.time() - killed_at
+    print(f"\nreplica {tag} killed: its {len(victims)} streams answered again after {healed_in:.1f} s; "
+          f"statuses {statuses}")
+    assert all(s[-1] == 200 for s in statuses.values()) and healed_in < 60, statuses
+    assert all(set(s[:-1]) == {503} for s in statuses.values()), statuses  # 503 until restored, nothing else
+    assert all(answer == reference[i][-1] for i, answer in other_answers)
+    for i in victims:
+        described = requests.get(f"{url}/v1/video/streams/{ids[i]}", headers=client.tokens[ids[i]]).json()
+        assert described["restored"] == {"restored_from_frame": ROUNDS * CONFIG["clip_frames"],
+                                         "frames_lost_in_restart": 2}, described
 
+
+def _asked_throughout(client: Client, stream_ids: list[str], busy) -> list[tuple[str, int, object]]:
+    """Ask every stream again and again while `busy()`: (stream id, status, answer or error text)."""
+    during = []
+    while busy():
+        for stream_id in stream_ids:
+            response = client.ask(stream_id)
+            during.append((stream_id, response.status_code,
+                           response.json() if response.status_code == 200 else response.text))
+    return during
+
+
+def _answers_unchanged(during: list[tuple[str, int, object]], expected: dict[str, tuple[str, int]]) -> None:
+    assert during and [(s, status, body) for s, status, body in during if status != 200] == []  # no 5xx or 4xx
+    for stream_id, _, body in during:
+        assert (body["choices"][0]["message"]["content"], body["livevlm"]["frames_covered"]) == expected[stream_id]
+
+
+def test_rebalance_evens_the_streams_without_a_5xx(placed, cluster, reference):
+    """After healing one replica holds all 6 streams and Serve's replacement none: the rebalance admin call
+    (the API key required) moves 3 to the new one while every stream answers throughout, token for token."""
+    client, ids, _ = placed
+    url, address, _, _ = cluster
+    started = subprocess.run([sys.executable, "-c", _REPLICAS, address, "2"], capture_output=True, text=True,
+                             timeout=600, env=_DRIVER_ENV)  # Serve's replacement of the killed replica
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert requests.post(f"{url}/v1/video/rebalance").status_code == 401
+    expected = {stream_id: reference[i][-1] for i, stream_id in enumerate(ids)}
+    with ThreadPoolExecutor(1) as pool:
+        began = time.time()
+        call = pool.submit(requests.post, f"{url}/v1/video/rebalance", headers=AUTH, timeout=300)
+        during = _asked_throughout(client, ids, lambda: not call.done())
+        response = call.result()
+    print(f"\nrebalance took {time.time() - began:.1f} s; {len(during)} questions answered meanwhile")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "video.rebalance" and body["failed"] == [], body
+    assert sorted(body["streams"].values()) == [3, 3] and len(body["moved"]) == 3, body
+    assert {m["id"] for m in body["moved"]} < set(ids) and len({(m["from"], m["to"]) for m in body["moved"]}) == 1
+    _answers_unchanged(during, expected)
+    assert {stream_id: client.answer(stream_id) for stream_id in ids} == expected
+    again = requests.post(f"{url}/v1/video/rebalance", headers=AUTH, timeout=300).json()
+    assert again["moved"] == [] and sorted(again["streams"].values()) == [3, 3]  # even already
+
+
+def test_scaling_2_to_1_moves_the_streams_without_a_5xx(placed, cluster, reference):
+    """After the rebalance each replica holds 3 streams: 2 new streams go one to each (least loaded).
+    Deploying the config with 1 replica stops one of them; its streams move to the other before it stops,
+    and every stream answers throughout, token for token as before."""
+    client, ids, _ = placed
+    url, address, config_path, state_root = cluster
     fresh = [client.create() for _ in range(2)]
-    replicas = client.engine()["replicas"]
-    assert not replicas[0]["alive"] and replicas[1]["alive"]
-    assert set(fresh) <= set(replicas[1]["stream_ids"])
-    assert _run_stream(client, fresh[0], 0) == answers[0]  # a new stream is served, and answers alike
-    assert requests.get(f"{url}/v1/models", headers=AUTH).status_code == 200  # stream-free: the survivor
+    assert len({stream_id[:8] for stream_id in fresh}) == 2
+    for n, stream_id in enumerate(fresh):
+        assert client.push(stream_id, _clip(50 + n, 0)).status_code == 200
+    expected = {**{stream_id: reference[i][-1] for i, stream_id in enumerate(ids)},
+                **{stream_id: client.answer(stream_id) for stream_id in fresh}}
+    scaling = subprocess.Popen([sys.executable, "-c", _REPLICAS, address, "1", str(config_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_DRIVER_ENV)
+    during = _asked_throughout(client, list(expected), lambda: scaling.poll() is None)
+    assert scaling.returncode == 0, scaling.stdout.read()[-3000:]
+    _answers_unchanged(during, expected)
+    assert {stream_id: client.answer(stream_id) for stream_id in expected} == expected
+    deadline = time.time() + 30
+    while True:  # every stream checkpointed by the one replica left (moved ones within a checkpoint tick)
+        holders = [path.parent.name for stream_id in expected for path in state_root.glob(f"*/{stream_id}.livevlm")]
+        if len(holders) == len(expected) and len(set(holders)) == 1 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(holders) == len(expected) and len(set(holders)) == 1, holders
+
+
+def test_serve_ray_writes_the_config_serve_deploy_runs(cluster, tiny_model_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(cluster[2].read_text())
+
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` accepts
+    app = config["applications"][0]
+    assert app["import_path"] == "vllm_livevlm.serving.ray.app:build" and app["route_prefix"] == "/"
+    assert app["args"]["model"] == tiny_model_dir and app["deployments"][0]["num_replicas"] == 2
+    assert app["args"]["config"]["clip_frames"] == CONFIG["clip_frames"]
+    assert API_KEY not in json.dumps(config)  # the key is in the cluster's store, not in the file

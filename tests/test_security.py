@@ -367,8 +367,8 @@ def forged_fields(victim) -> list[tuple[str, dict]]:
     version = stats["version"]
     forged = [{"kind": "nope"}]
     for context in (16, 448, stats["tokens_seen"]):
-        common = {"stream_id": victim.id, "version": version, "context_tokens": context, "request_id": "forged",
-                  "mac": "0" * 64}
+        common = {"stream_id": victim.id, "version": version, "context_tokens": context, "context_extent": 0,
+                  "request_id": "forged", "mac": "0" * 64}
         forged += [{**common, "kind": "question", "frame_start": 0, "num_frames": 0},
                    {**common, "kind": "clip", "frame_start": 8, "num_frames": 4},
                    {**common, "kind": "sinks", "version": 0, "context_tokens": 0, "frame_start": 0, "num_frames": 0}]

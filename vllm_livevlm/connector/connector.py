@@ -25,6 +25,7 @@ from vllm_livevlm.connector.params import InvalidLiveVLMRequest, LiveVLMParams, 
 from vllm_livevlm.connector.store import SessionStore
 from vllm_livevlm.connector.step import RequestSlots, StepRequests
 from vllm_livevlm.log import get_logger
+from vllm_livevlm.model.adapter import adapter_for
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +110,8 @@ class LiveVLMConnector(KVConnectorBase_V1):
         check_engine_settings(vllm_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
+        model_config = vllm_config.model_config
+        self.adapter = adapter_for(model_config.hf_config, model_config.model, model_config.architectures)
         # scheduler side
         self._secret = request_secret() if role == KVConnectorRole.SCHEDULER else b""
         self._requests: dict[str, LiveVLMParams] = {}  # verified LiveVLM requests, by engine request id
@@ -120,7 +123,7 @@ class LiveVLMConnector(KVConnectorBase_V1):
         self._failed: list[tuple[str, str]] = []
         self.kv_cache_manager = None
         # worker side
-        self.store: SessionStore | None = SessionStore() if role == KVConnectorRole.WORKER else None
+        self.store: SessionStore | None = SessionStore(self.adapter) if role == KVConnectorRole.WORKER else None
         self._step: StepRequests | None = None
         self._step_has_requests = False  # set when the step's metadata is bound: the op asks every layer
         if role == KVConnectorRole.SCHEDULER:
@@ -200,9 +203,10 @@ class LiveVLMConnector(KVConnectorBase_V1):
         computed = request.num_computed_tokens
         if params.kind == RequestKind.SINKS and computed + num_scheduled < request.num_prompt_tokens:
             self._prefilling[req_id] = entry  # its next chunk is captured too
+        grid = self.adapter.video_grid(request.mm_features) if params.kind == RequestKind.CLIP else None
         return RequestSlots(req_id=req_id, params=params, block_ids=block_ids, num_computed=computed,
                             num_scheduled=num_scheduled, num_prompt=request.num_prompt_tokens,
-                            block_size=self.block_size)
+                            block_size=self.block_size, video_grid=grid)
 
     def _fail(self, params: LiveVLMParams, reason: str) -> None:
         logger.error("LiveVLM: request %s of stream %s failed: %s", params.request_id, params.stream_id, reason)

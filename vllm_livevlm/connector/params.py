@@ -50,13 +50,14 @@ class LiveVLMParams:
     frame_start: int = 0      # clip: stream index of its first frame
     num_frames: int = 0       # clip: frames in the clip
     request_id: str = ""      # the front end's id (vLLM may suffix its internal request ids): pin key
+    context_extent: int = 0   # E: positions the context spans (multi-axis models, docs/positions.md); 0 on 1-D
 
     KEY = "livevlm"
     MAC = "mac"
 
     def signature(self, secret: bytes) -> str:
         message = json.dumps([self.stream_id, self.kind.value, self.version, self.context_tokens,
-                              self.frame_start, self.num_frames, self.request_id]).encode()
+                              self.frame_start, self.num_frames, self.request_id, self.context_extent]).encode()
         return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
     def to_kv_transfer_params(self, secret: bytes | None = None) -> dict[str, Any]:
@@ -82,7 +83,7 @@ class LiveVLMParams:
         for name in ("stream_id", "request_id", cls.MAC):
             if not isinstance(data[name], str) or not 0 < len(data[name]) <= MAX_ID_CHARS:
                 raise InvalidLiveVLMRequest(f"{name} must be a non-empty string of at most {MAX_ID_CHARS} chars")
-        for name in ("version", "context_tokens", "frame_start", "num_frames"):
+        for name in ("version", "context_tokens", "frame_start", "num_frames", "context_extent"):
             if type(data[name]) is not int or data[name] < 0:
                 raise InvalidLiveVLMRequest(f"{name} must be a non-negative integer")
         if data["kind"] not in {k.value for k in RequestKind}:
@@ -96,7 +97,8 @@ class LiveVLMParams:
 
     def check_shape(self) -> None:
         """What each kind must look like (a signed request that breaks this is a front-end bug)."""
-        if self.kind == RequestKind.SINKS and (self.context_tokens or self.num_frames or self.version):
+        if self.kind == RequestKind.SINKS and (self.context_tokens or self.num_frames or self.version
+                                               or self.context_extent):
             raise InvalidLiveVLMRequest("a sinks request has no context, frames or version")
         if self.kind == RequestKind.CLIP and self.num_frames == 0:
             raise InvalidLiveVLMRequest("a clip request has at least one frame")

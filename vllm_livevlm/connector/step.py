@@ -43,6 +43,7 @@ class RequestSlots:
     num_scheduled: int  # tokens computed this step
     num_prompt: int
     block_size: int
+    video_grid: tuple[int, ...] | None = None  # a clip's merged video grid (multi-axis models)
 
     def slots(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         pos = torch.arange(start, stop, device=device)
@@ -63,6 +64,7 @@ class _Active:
     scored_context_k: dict[int, torch.Tensor] = field(default_factory=dict)
     context_slots: torch.Tensor | None = None
     retrieved: dict[int, torch.Tensor] = field(default_factory=dict)  # question: pages read per layer (device)
+    ltm_index: torch.Tensor | None = None  # question: the long-term tokens this layer reads (None: all)
     retrieval_seconds: float = 0.0
 
 
@@ -115,6 +117,9 @@ class StepRequests:
                 if params.context_tokens != expected:
                     problem = (f"{params.context_tokens} placeholder tokens but version {params.version} "
                                f"needs {expected}")
+                elif self.store.axes and params.context_extent != memory.context_extent(
+                        params.kind == RequestKind.CLIP, self.store.stride(memory.config)):
+                    problem = f"context extent {params.context_extent} does not fit version {memory.version}"
         if params.kind == RequestKind.CLIP and req.num_computed + req.num_scheduled != req.num_prompt:
             problem = (f"a clip must be prefilled in one step ({req.num_prompt - req.num_computed} tokens, "
                        f"{req.num_scheduled} scheduled): raise --max-num-batched-tokens and keep "
@@ -162,15 +167,25 @@ class StepRequests:
         if kind == RequestKind.CLIP:
             ctx_k, ctx_v = a.memory.clip_context(layer)
         else:
-            ctx_k, ctx_v = a.memory.question_context(layer, self._retrieve(a, a.memory, layer, attn, q))
+            a.ltm_index = self._retrieve(a, a.memory, layer, attn, q)
+            ctx_k, ctx_v = a.memory.question_context(layer, a.ltm_index)
         rotated = ctx_k.view(ctx_k.shape[0], heads * dim)  # a new tensor (see `StreamMemory`): rotated in place
-        positions = torch.arange(rotated.shape[0], device=rotated.device)
-        rotary_emb(positions, rotated, None)  # rotate once from raw, same kernel as the model
+        # Rotated once from raw, with the model's own kernel.
+        rotary_emb(self._context_positions(a, layer, rotated.device), rotated, None)
         rotated = rotated.view(-1, heads, dim)
         attn.impl.do_kv_cache_update(attn, rotated, ctx_v, attn.kv_cache, a.context_slots)
         if kind == RequestKind.CLIP:
             start, stop = a.memory.scored_context_range()
             a.scored_context_k[layer] = rotated[start:stop]
+
+    def _context_positions(self, a: _Active, layer: int, device: torch.device) -> torch.Tensor:
+        """Positions of the context slots: 0..P-1 (1-D), or the multi-axis rule's (`docs/positions.md`)."""
+        params, memory = a.slots.params, a.memory
+        if not self.store.axes:
+            return torch.arange(params.context_tokens, device=device)
+        clip = params.kind == RequestKind.CLIP
+        return memory.context_positions(layer, clip, a.ltm_index, self.store.stride(memory.config),
+                                        params.context_extent)
 
     def _retrieve(self, a: _Active, memory: StreamMemory, layer: int, attn, q: torch.Tensor) -> torch.Tensor | None:
         """PaR for one question and layer: the long-term token indices to place (None: all of them)."""
@@ -257,17 +272,14 @@ class StepRequests:
             prefix = self.store.gather_sink_chunks(params.request_id, k, v, complete)
             if prefix is None:
                 return False  # the rest of the chunked prefix comes with a later step
-            memory = StreamMemory.from_sinks(config, *prefix)
+            memory = StreamMemory.from_sinks(config, *prefix, self.store.axes)
         else:
             if a.memory is None or len(a.scores) != len(layers):
                 raise ValueError("the clip was not scored on every layer")
-            num_tokens = k.shape[1]
-            per_frame = (num_tokens - 1) // params.num_frames  # one newline token closes a video
-            if per_frame < 1:
-                raise ValueError(f"{num_tokens} clip tokens for {params.num_frames} frames")
-            offsets = torch.clamp(torch.arange(num_tokens, device=k.device) // per_frame, max=params.num_frames - 1)
+            offsets, records = self.store.adapter.clip_layout(k.shape[1], params.num_frames, a.slots.video_grid,
+                                                              a.memory.clips, k.device)
             scores = torch.stack([a.scores[i] for i in layers])
-            memory = a.memory.commit_clip(ClipKV(k, v, params.frame_start + offsets, scores), _sum_over_ranks)
+            memory = a.memory.commit_clip(ClipKV(k, v, params.frame_start + offsets, scores, records), _sum_over_ranks)
         self.store.commit(params.stream_id, memory, params.request_id)
         return True
 

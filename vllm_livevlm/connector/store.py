@@ -22,6 +22,7 @@ import torch
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.connector.params import RequestKind
 from vllm_livevlm.memory.stream import StreamMemory, held_bytes
+from vllm_livevlm.model.adapter import ModelAdapter
 
 
 MAX_UNCLAIMED_REPORTS = 1024  # retrieval reports, and failed requests, waiting for the front end
@@ -59,7 +60,9 @@ class _Stream:
 
 
 class SessionStore:
-    def __init__(self) -> None:
+    def __init__(self, adapter: "ModelAdapter | None" = None) -> None:
+        """`adapter`: the model family (its position rule); None places by slot (1-D RoPE)."""
+        self.adapter = adapter
         self._streams: dict[str, _Stream] = {}
         self._req_stream: dict[str, str] = {}
         # Retrieval reports wait for the front end to fetch them; bounded in case one never does.
@@ -163,7 +166,18 @@ class SessionStore:
             self._req_stream[req_id] = stream_id
             stream.last_use = time.time()
             tokens = memory.clip_context_tokens if kind == RequestKind.CLIP else memory.question_context_tokens
-            return {"version": memory.version, "context_tokens": tokens, "frames": memory.frames_seen}
+            extent = memory.context_extent(kind == RequestKind.CLIP, self.stride(stream.config))
+            return {"version": memory.version, "context_tokens": tokens, "frames": memory.frames_seen,
+                    "context_extent": extent if self.axes else 0}
+
+    @property
+    def axes(self) -> int:
+        """Width of the model's position records (0: 1-D placement by slot)."""
+        return self.adapter.position_axes if self.adapter is not None else 0
+
+    def stride(self, config: LiveVLMConfig) -> float:
+        """The temporal stride of the multi-axis rule for a stream (`docs/positions.md`)."""
+        return self.adapter.temporal_stride(config.sample_fps) if self.adapter is not None else 1.0
 
     def snapshot(self, stream_id: str, version: int) -> StreamMemory:
         stream = self._get(stream_id)

@@ -48,8 +48,8 @@ async function api(method, path, body) {
 async function connect() {
   try {
     const engine = await api("GET", "/v1/video/engine");
-    // A single server answers `image_size`; the Ray router lists its replicas' loads.
-    state.imageSize = engine.image_size ?? engine.replicas?.find((r) => r.image_size)?.image_size;
+    // Every server answers `image_size` (on Ray Serve, the replica this request reached).
+    state.imageSize = engine.image_size;
     if (!state.imageSize) throw new Error("the server does not say its model's input size (image_size)");
     $("server").textContent = `connected to ${location.host} · frames sent as ${state.imageSize}×${state.imageSize} JPEG`;
     $("create").disabled = state.stream !== null;

@@ -35,6 +35,7 @@ import torch
 from vllm_livevlm.bench import LIVEVLM_SYSTEMS, uniform_indices
 from vllm_livevlm.config import LiveVLMConfig
 from vllm_livevlm.eval.question_forward import QuestionForward
+from vllm_livevlm.memory.positions import place, placement_extent
 from vllm_livevlm.memory.retrieval import PageLayout, token_index
 from vllm_livevlm.portable.wire import from_wire
 from vllm_livevlm.streams import QUESTION_TURN
@@ -81,13 +82,16 @@ class Memory:
     ltm_v: torch.Tensor
     ltm_ids: torch.Tensor   # [L, H, n] stream token ids
     ltm_frames: torch.Tensor  # [L, H, n]
+    ltm_pos: torch.Tensor   # [L, H, n, A] multi-axis position records (A = 0 on a 1-D model)
     stm_k: torch.Tensor     # [L, m, H, D]
     stm_v: torch.Tensor
     stm_ids: torch.Tensor   # [m]
     stm_frames: torch.Tensor  # [m]
+    stm_pos: torch.Tensor   # [m, A]
     page_tokens: int
     retrieve_ratio: float
     tokens_seen: int
+    stride: float           # the multi-axis rule's temporal stride
 
     def _ltm_index(self, pages: list[int] | None) -> torch.Tensor:
         """Long-term token indices a question read: its full pages (None: all) plus the partial newest page."""
@@ -103,6 +107,18 @@ class Memory:
             out.append((torch.cat([self.sinks_k[layer], self.ltm_k[layer][index], self.stm_k[layer]]),
                         torch.cat([self.sinks_v[layer], self.ltm_v[layer][index], self.stm_v[layer]])))
         return out
+
+    def placement(self, pages: dict[int, list[int]] | None) -> tuple[list[torch.Tensor], int] | None:
+        """Multi-axis models: per layer the positions [3, P] of the context a question read (`context`),
+        right-aligned to the question's extent E, and E (`docs/positions.md`); None on a 1-D model."""
+        if self.stm_pos.shape[1] == 0:
+            return None
+        sinks, layers = self.sinks_k.shape[1], range(self.ltm_pos.shape[0])
+        extent = max(placement_extent(torch.cat([self.ltm_pos[layer, 0], self.stm_pos]), sinks, self.stride)
+                     for layer in layers)
+        read = [torch.cat([self.ltm_pos[layer, 0][self._ltm_index(None if pages is None else pages.get(layer, []))],
+                           self.stm_pos]) for layer in layers]
+        return [place(records, sinks, self.stride, extent) for records in read], extent
 
     def read_ids(self, layer: int, pages: list[int] | None) -> torch.Tensor:
         """[H, n] stream token ids a question read in `layer` (long-term pages read + short-term)."""
@@ -181,7 +197,7 @@ def measure(lv: Any, forward: QuestionForward, frames: np.ndarray, questions: li
         vanilla = list(full.answers[qi].token_ids)
         tokens = turn + vanilla[:-1]
         rows = slice(len(turn) - 1, len(turn) - 1 + len(vanilla))
-        ref = forward.run(full_context, tokens, probe_tokens=len(turn))
+        ref = forward.run(full_context, tokens, probe_tokens=len(turn), placement=full.memory.placement(None))
         ref_logp = ref.logits[rows].log_softmax(-1)
         reference_check.append(float((ref_logp.argmax(-1) == torch.tensor(vanilla)).float().mean()))
         sinks = full.memory.sinks_k.shape[1]
@@ -189,7 +205,8 @@ def measure(lv: Any, forward: QuestionForward, frames: np.ndarray, questions: li
             run = runs[system.name]
             answer = run.answers[qi]
             pages = None if system.uniform_frames is not None else answer.retrieved_page_indices
-            logp = forward.run(run.memory.context(pages), tokens).logits[rows].log_softmax(-1)
+            logp = forward.run(run.memory.context(pages), tokens,
+                               placement=run.memory.placement(pages)).logits[rows].log_softmax(-1)
             recall, share = [], []
             for layer in range(forward.num_layers):
                 if system.uniform_frames is not None:
@@ -270,10 +287,10 @@ def plot(data: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     from vllm_livevlm.bench import _machine_name
     from vllm_livevlm.eval.fixtures import synthetic_frames
-    from vllm_livevlm.testing.tiny_model import ensure_tiny_model
+    from vllm_livevlm.testing.tiny_model import ensure_tiny_model, preset_names
 
     parser = argparse.ArgumentParser(prog="vllm-livevlm fidelity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-preset", default="bench", choices=["tiny", "bench", "0.5b", "7b"])
+    parser.add_argument("--model-preset", default="bench", choices=preset_names())
     parser.add_argument("--model", default=None, help="a checkpoint instead of a random preset model")
     parser.add_argument("--frames", type=int, default=256)
     parser.add_argument("--clip-frames", type=int, default=32)

@@ -27,14 +27,15 @@ class ModelShape:
     kv_bytes: int          # bytes per K or V element
     tokens_per_frame: int
     query_heads: int       # attention (query) heads: what vision-to-vision scoring's transient scales with
+    position_axes: int = 0  # int64 position record entries per stored token (multi-axis models)
 
     @classmethod
-    def of(cls, model_config, tokens_per_frame: int) -> "ModelShape":
+    def of(cls, model_config, tokens_per_frame: int, position_axes: int = 0) -> "ModelShape":
         """From a vLLM `ModelConfig` (LLaVA-OneVision: the text config holds the LLM's shape)."""
         text = model_config.hf_config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return cls(text.num_hidden_layers, text.num_key_value_heads, head_dim,
-                   model_config.dtype.itemsize, tokens_per_frame, text.num_attention_heads)
+                   model_config.dtype.itemsize, tokens_per_frame, text.num_attention_heads, position_axes)
 
 
 def memory_bound_bytes(config: LiveVLMConfig, shape: ModelShape, sink_tokens: int) -> int | None:
@@ -47,8 +48,9 @@ def memory_bound_bytes(config: LiveVLMConfig, shape: ModelShape, sink_tokens: in
     stm = config.short_term_frames * (shape.tokens_per_frame + 1)
     per_token = 2 * heads * dim * shape.kv_bytes + heads * _SCORE_BYTES  # K, V, one score per KV head
     kv = layers * (sink_tokens * 2 * heads * dim * shape.kv_bytes + (budget + stm) * per_token)
-    ltm_index = layers * heads * budget * 2 * _INDEX_BYTES                 # token id + frame per kept token
-    stm_index = stm * 2 * _INDEX_BYTES
+    records = 2 + shape.position_axes                                      # token id, frame, position record
+    ltm_index = layers * heads * budget * records * _INDEX_BYTES
+    stm_index = stm * records * _INDEX_BYTES
     summaries = layers * (budget // config.page_tokens) * heads * dim * _SCORE_BYTES
     return kv + ltm_index + stm_index + summaries
 

@@ -7,20 +7,25 @@ Every commit returns a new snapshot and never mutates tensors of the old one, so
 version keeps a consistent view while later clips are ingested.
 
 Shapes: L layers, H KV heads, D head dim; K/V are [L, n, H, D]; per-token scores [L, n, H];
-LTM token ids and frames are [L, H, n] (per KV head: with per-layer selection all heads agree).
+LTM token ids and frames are [L, H, n] (per KV head: with per-layer selection all heads agree); position
+records (multi-axis models, `docs/positions.md`) [L, H, n, A] and [m, A], A = 0 on 1-D models.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from vllm_livevlm.config import LiveVLMConfig
+from vllm_livevlm.memory.positions import place, placement_extent
 from vllm_livevlm.memory.retrieval import PageLayout, page_summaries
 from vllm_livevlm.memory.vsb import VisionSinkBucketing
+from vllm_livevlm.model.adapter import RECORD_AXES, TEXT_GROUP
+
+MAX_GRID_SIDE = 4096  # rows or columns of a merged video grid an imported record may name
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 COUNTERS = ("frames_seen", "clips", "tokens_seen", "ltm_candidates")  # a snapshot's counters (exports carry them)
@@ -49,6 +54,7 @@ class ClipKV:
     v: torch.Tensor          # [L, T, H, D]
     frames: torch.Tensor     # [T] stream frame index of each clip token
     scores: torch.Tensor     # [L, n_scored, H]: scores of the scored context vision tokens, then the clip's
+    pos: torch.Tensor | None = None  # [T, A] position record of each clip token (None: A = 0, a 1-D model)
 
 
 @dataclass(frozen=True)
@@ -62,28 +68,35 @@ class StreamMemory:
     ltm_score: torch.Tensor  # [L, n, H]
     ltm_ids: torch.Tensor    # [L, H, n] stream token id of each kept token
     ltm_frames: torch.Tensor  # [L, H, n]
+    ltm_pos: torch.Tensor    # [L, H, n, A]
     ltm_summary: torch.Tensor  # [L, full pages, H, D] float32 page summary keys (mean raw key)
     stm_k: torch.Tensor      # [L, m, H, D]
     stm_v: torch.Tensor
     stm_score: torch.Tensor  # [L, m, H]
     stm_ids: torch.Tensor    # [m]
     stm_frames: torch.Tensor  # [m]
+    stm_pos: torch.Tensor    # [m, A]
     frames_seen: int = 0
     clips: int = 0
     tokens_seen: int = 0     # vision tokens ingested (including per-clip newline tokens)
     ltm_candidates: int = 0  # tokens that ever entered LTM
+    # E per (clip?, stride), computed once per snapshot: a request's prepare and its first step both ask.
+    _extents: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
-    def from_sinks(cls, config: LiveVLMConfig, k: torch.Tensor, v: torch.Tensor) -> "StreamMemory":
+    def from_sinks(cls, config: LiveVLMConfig, k: torch.Tensor, v: torch.Tensor, axes: int = 0) -> "StreamMemory":
+        """`axes`: the model's position-record width (0 on 1-D models)."""
         layers, _, heads, dim = k.shape
         empty_kv = k.new_zeros((layers, 0, heads, dim))
         empty_score = torch.zeros((layers, 0, heads), dtype=torch.float32, device=k.device)
         empty_ids = torch.zeros((layers, heads, 0), dtype=torch.long, device=k.device)
         empty_1d = torch.zeros((0,), dtype=torch.long, device=k.device)
         empty_summary = torch.zeros((layers, 0, heads, dim), dtype=torch.float32, device=k.device)
-        return cls(config, 1, k, v, empty_kv, empty_kv, empty_score, empty_ids, empty_ids, empty_summary,
-                   empty_kv, empty_kv, empty_score, empty_1d, empty_1d)
+        return cls(config, 1, k, v, ltm_k=empty_kv, ltm_v=empty_kv, ltm_score=empty_score, ltm_ids=empty_ids,
+                   ltm_frames=empty_ids, ltm_pos=empty_ids.unsqueeze(-1).expand(-1, -1, -1, axes).contiguous(),
+                   ltm_summary=empty_summary, stm_k=empty_kv, stm_v=empty_kv, stm_score=empty_score,
+                   stm_ids=empty_1d, stm_frames=empty_1d, stm_pos=empty_1d.view(0, 1).expand(0, axes).contiguous())
 
     @classmethod
     def from_tensors(cls, config: LiveVLMConfig, version: int, tensors: dict[str, torch.Tensor],
@@ -103,15 +116,15 @@ class StreamMemory:
 
     def _check_layout(self, kv_shape: tuple[int, int, int], kv_dtype: torch.dtype) -> None:
         layers, heads, dim = kv_shape
-        s, n, m = self.num_sinks, self.num_ltm, self.num_stm
+        s, n, m, axes = self.num_sinks, self.num_ltm, self.num_stm, self.position_axes
         expect = {"sinks_k": ((layers, s, heads, dim), kv_dtype), "sinks_v": ((layers, s, heads, dim), kv_dtype),
                   "ltm_k": ((layers, n, heads, dim), kv_dtype), "ltm_v": ((layers, n, heads, dim), kv_dtype),
                   "ltm_score": ((layers, n, heads), torch.float32), "ltm_ids": ((layers, heads, n), torch.long),
-                  "ltm_frames": ((layers, heads, n), torch.long),
+                  "ltm_frames": ((layers, heads, n), torch.long), "ltm_pos": ((layers, heads, n, axes), torch.long),
                   "ltm_summary": ((layers, n // self.config.page_tokens, heads, dim), torch.float32),
                   "stm_k": ((layers, m, heads, dim), kv_dtype), "stm_v": ((layers, m, heads, dim), kv_dtype),
                   "stm_score": ((layers, m, heads), torch.float32), "stm_ids": ((m,), torch.long),
-                  "stm_frames": ((m,), torch.long)}
+                  "stm_frames": ((m,), torch.long), "stm_pos": ((m, axes), torch.long)}
         for name, (shape, dtype) in expect.items():
             tensor = getattr(self, name)
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
@@ -129,6 +142,13 @@ class StreamMemory:
                 or bool((self.stm_frames < first_stm).any()):
             raise ValueError("token ids or frame indices lie outside what the stream has seen (or short-term "
                              "memory holds frames older than short_term_frames)")
+        if axes not in (0, RECORD_AXES):
+            raise ValueError(f"position records have {axes} axes; a model has 0 (1-D RoPE) or {RECORD_AXES}")
+        records = torch.cat([self.ltm_pos.flatten(0, 2), self.stm_pos])  # [L*H*n, A], A may be 0
+        if axes and bool(((records[:, 0] < 0) | (records[:, 0] >= max(self.clips, 1)) | (records[:, 1] < TEXT_GROUP)
+                          | (records[:, 1] >= self.frames_seen) | (records[:, 2:] < 0)
+                          | (records[:, 2:] >= MAX_GRID_SIDE)).any()):
+            raise ValueError("position records lie outside the stream's clips, frames or a video grid")
 
     # ---- sizes --------------------------------------------------------------------------------------
     @property
@@ -142,6 +162,11 @@ class StreamMemory:
     @property
     def num_stm(self) -> int:
         return self.stm_k.shape[1]
+
+    @property
+    def position_axes(self) -> int:
+        """Width of the position records (0: a 1-D model, whose placement is by slot)."""
+        return self.stm_pos.shape[1]
 
     @property
     def clip_context_tokens(self) -> int:
@@ -199,6 +224,37 @@ class StreamMemory:
         out[stop:] = stm[layer]
         return out
 
+    # ---- multi-axis positions of a placed context (`docs/positions.md`) ----------------------------------------
+    def context_records(self, layer: int, ltm_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Position records [n, A] of the non-sink context tokens of one layer in slot order: the long-term
+        tokens `ltm_index` (all when None), then short-term memory. Multi-axis models select per layer
+        (`per_head_selection` is refused there), so KV head 0 speaks for all heads."""
+        ltm = self.ltm_pos[layer, 0]
+        if ltm_index is not None:
+            ltm = ltm.index_select(0, ltm_index)
+        return torch.cat([ltm, self.stm_pos])
+
+    def _reads_ltm(self, clip: bool) -> bool:
+        return not clip or self.config.encode_context == "all"
+
+    def context_extent(self, clip: bool, stride: float) -> int:
+        """E: the positions the whole context of a clip (`clip`) or question request spans, the largest over
+        layers; the slot count P on a 1-D model."""
+        if not self.position_axes:
+            return self.clip_context_tokens if clip else self.question_context_tokens
+        key = (self._reads_ltm(clip), stride)
+        if key not in self._extents:
+            self._extents[key] = max(
+                placement_extent(self.context_records(layer) if key[0] else self.stm_pos, self.num_sinks, stride)
+                for layer in range(self.ltm_pos.shape[0]))
+        return self._extents[key]
+
+    def context_positions(self, layer: int, clip: bool, ltm_index: torch.Tensor | None, stride: float,
+                          extent: int) -> torch.Tensor:
+        """Positions [3, P] of the context slots of one layer, right-aligned to `extent` (the request's E)."""
+        records = self.context_records(layer, ltm_index) if self._reads_ltm(clip) else self.stm_pos
+        return place(records, self.num_sinks, stride, extent)
+
     def page_frames(self, layers: list[int], pages: torch.Tensor) -> torch.Tensor:
         """First and last stream frame [len(layers), k, 2] of the long-term pages `pages` [len(layers), k] of
         those layers (over all KV heads), in a few device ops: reporting a question's pages costs no host
@@ -252,14 +308,19 @@ class StreamMemory:
                                new.narrow(dim, from_clip, n_clip - from_clip)], dim))
 
         layers, heads = clip.k.shape[0], clip.k.shape[2]
+        axes = self.position_axes
+        clip_pos = clip.pos if clip.pos is not None else clip_ids.view(-1, 1)[:, :0]
         ltm_k, stm_k = roll(self.ltm_k, self.stm_k, clip.k)
         ltm_v, stm_v = roll(self.ltm_v, self.stm_v, clip.v)
         ltm_score, stm_score = roll(ltm_score, stm_score, clip_score)
         moved_ids, stm_ids = roll(self.stm_ids[:0], self.stm_ids, clip_ids, dim=0)
         moved_frames, stm_frames = roll(self.stm_frames[:0], self.stm_frames, clip_frames, dim=0)
+        moved_pos, stm_pos = roll(self.stm_pos[:0], self.stm_pos, clip_pos.to(self.stm_pos.device), dim=0)
         ltm = _Ltm(ltm_k, ltm_v, ltm_score,
                    torch.cat([self.ltm_ids, moved_ids.view(1, 1, -1).expand(layers, heads, -1)], 2),
-                   torch.cat([self.ltm_frames, moved_frames.view(1, 1, -1).expand(layers, heads, -1)], 2))
+                   torch.cat([self.ltm_frames, moved_frames.view(1, 1, -1).expand(layers, heads, -1)], 2),
+                   torch.cat([self.ltm_pos,
+                              moved_pos.view(1, 1, moved_pos.shape[0], axes).expand(layers, heads, -1, -1)], 2))
         if cfg.long_term_budget_tokens is not None and ltm.k.shape[1] > cfg.long_term_budget_tokens:
             ltm = ltm.compress(VisionSinkBucketing(cfg.long_term_budget_tokens, cfg.bucket_capacity,
                                                    cfg.score_keep_tokens), cfg.per_head_selection, reduce)
@@ -267,8 +328,8 @@ class StreamMemory:
         return replace(
             self, version=self.version + 1,
             ltm_k=ltm.k, ltm_v=ltm.v, ltm_score=ltm.score, ltm_ids=ltm.ids, ltm_frames=ltm.frames,
-            ltm_summary=summary, stm_k=stm_k, stm_v=stm_v, stm_score=stm_score, stm_ids=stm_ids,
-            stm_frames=stm_frames, frames_seen=frames_seen, clips=self.clips + 1,
+            ltm_pos=ltm.pos, ltm_summary=summary, stm_k=stm_k, stm_v=stm_v, stm_score=stm_score, stm_ids=stm_ids,
+            stm_frames=stm_frames, stm_pos=stm_pos, frames_seen=frames_seen, clips=self.clips + 1,
             tokens_seen=self.tokens_seen + n_clip, ltm_candidates=self.ltm_candidates + from_stm + from_clip)
 
     # ---- reporting -----------------------------------------------------------------------------------------
@@ -292,6 +353,7 @@ class _Ltm:
     score: torch.Tensor
     ids: torch.Tensor
     frames: torch.Tensor
+    pos: torch.Tensor  # [L, H, n, A]
 
     def compress(self, vsb: VisionSinkBucketing, per_head: bool, reduce: Reduce) -> "_Ltm":
         layers, _, heads, dim = self.k.shape
@@ -302,5 +364,6 @@ class _Ltm:
             keep = vsb.select(reduce(self.score.sum(dim=2))).unsqueeze(1).expand(layers, heads, -1)
         token_index = keep.transpose(1, 2)  # [L, M, H]
         kv_index = token_index.unsqueeze(-1).expand(-1, -1, -1, dim)
+        pos_index = keep.unsqueeze(-1).expand(-1, -1, -1, self.pos.shape[3])
         return _Ltm(self.k.gather(1, kv_index), self.v.gather(1, kv_index), self.score.gather(1, token_index),
-                    self.ids.gather(2, keep), self.frames.gather(2, keep))
+                    self.ids.gather(2, keep), self.frames.gather(2, keep), self.pos.gather(2, pos_index))

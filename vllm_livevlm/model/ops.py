@@ -11,11 +11,11 @@ the lookup of the step (the rotation runs either way).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import vllm._custom_ops  # noqa: F401  (loads the `torch.ops._C` kernels, RoPE among them)
 from torch.library import Library
 from torch.profiler import record_function
 from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -55,6 +55,7 @@ class KernelRope:
 
     def __init__(self, rotary_emb: RotaryEmbedding) -> None:
         self.rotary_emb = rotary_emb
+        importlib.import_module("vllm._custom_ops")  # registers the `torch.ops._C` kernels
         self.kernel = torch.ops._C.rotary_embedding.default
         self.cos_sin_cache: torch.Tensor | None = None
 

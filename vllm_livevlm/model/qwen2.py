@@ -16,10 +16,12 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, maybe_prefix
 
+from vllm_livevlm.model.mrope import mrope_in_place
 from vllm_livevlm.model.ops import LayerHooks, inplace_rope
 
 
@@ -29,22 +31,40 @@ class LiveVLMQwen2Attention(Qwen2Attention):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        torch.ops.livevlm.rotary_with_hooks(positions, q, k, v, self.attn.layer_name)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.o_proj(attn_output)
-        return output
+        return livevlm_attend(self, positions, q, k, v)
+
+
+def livevlm_attend(self_attn: nn.Module, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> torch.Tensor:
+    """The rest of a Qwen-family attention from its (pre-RoPE) q, k, v: the LiveVLM op, attention, o_proj."""
+    torch.ops.livevlm.rotary_with_hooks(positions, q, k, v, self_attn.attn.layer_name)
+    output, _ = self_attn.o_proj(self_attn.attn(q, k, v))
+    return output
+
+
+def swap_attention(self_attn: nn.Module, livevlm_class: type[nn.Module]) -> None:
+    """Turn a built attention module into `livevlm_class` (a subclass overriding only forward) and attach
+    the op's hooks with the layer's own RoPE (1-D, or multi-axis: `MRotaryEmbedding`, in place)."""
+    # Same module, same parameters: only forward differs. Swapping the class (instead of building a
+    # second attention) keeps vLLM's layer registry free of duplicate layer names.
+    self_attn.__class__ = livevlm_class
+    attn = self_attn.attn  # the op finds it by layer name in the forward context
+    rotary_emb = self_attn.rotary_emb
+    rope = mrope_in_place(rotary_emb) if isinstance(rotary_emb, MRotaryEmbedding) else inplace_rope(rotary_emb)
+    attn.livevlm_hooks = LayerHooks(extract_layer_index(attn.layer_name), rope)
+
+
+def serve_livevlm(layer: Qwen2DecoderLayer) -> None:
+    """Make a built Qwen2 decoder layer serve LiveVLM streams: its attention calls the LiveVLM op."""
+    if layer.self_attn.qk_norm or layer.self_attn.dual_chunk_attention_config:
+        raise ValueError("LiveVLM supports Qwen2 attention without qk_norm or dual-chunk attention")
+    swap_attention(layer.self_attn, LiveVLMQwen2Attention)
 
 
 class LiveVLMQwen2DecoderLayer(Qwen2DecoderLayer):
     def __init__(self, *args, prefix: str = "", **kwargs) -> None:
         super().__init__(*args, prefix=prefix, **kwargs)
-        if self.self_attn.qk_norm or self.self_attn.dual_chunk_attention_config:
-            raise ValueError("LiveVLM supports Qwen2 attention without qk_norm or dual-chunk attention")
-        # Same module, same parameters: only forward differs. Swapping the class (instead of building a
-        # second attention) keeps vLLM's layer registry free of duplicate layer names.
-        self.self_attn.__class__ = LiveVLMQwen2Attention
-        attn = self.self_attn.attn  # the op finds it by layer name in the forward context
-        attn.livevlm_hooks = LayerHooks(extract_layer_index(prefix), inplace_rope(self.self_attn.rotary_emb))
+        serve_livevlm(self)
 
 
 class LiveVLMQwen2ForCausalLM(Qwen2ForCausalLM):

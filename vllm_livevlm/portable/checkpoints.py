@@ -152,6 +152,21 @@ def _file_at_fault(error: Exception) -> bool:
     return isinstance(error, ValueError) if status is None else 400 <= status < 500
 
 
+def owner_digest(data: bytes) -> bytes:
+    """The owner token's sha256 a server's own stream file carries (its checkpoints, streams it hands over):
+    the stream keeps its token. Raises `StreamFileError` if the header holds none."""
+    from vllm_livevlm.portable.format import StreamFileError, read_header
+
+    digest = read_header(data).get("owner_token_sha256")
+    try:
+        token_digest = bytes.fromhex(digest)
+    except (TypeError, ValueError):
+        raise StreamFileError(f"the header's owner_token_sha256 {str(digest)[:80]!r} is not a sha256") from None
+    if len(token_digest) != 32:
+        raise StreamFileError(f"the header's owner_token_sha256 holds {len(token_digest)} bytes, not 32")
+    return token_digest
+
+
 class Checkpointer:
     """A server's checkpoints: restores its state dir on `start`, then writes the streams on schedule."""
 
@@ -289,19 +304,10 @@ class Checkpointer:
                         self.directory, time.monotonic() - started)
 
     async def _restore(self, path: Path) -> None:
-        from vllm_livevlm.portable.format import StreamFileError, read_header
-
         stream_id = path.name.removesuffix(SUFFIX)
         stream_path(self.directory, stream_id)  # the name is a stream id
         data = await asyncio.to_thread(path.read_bytes)
-        digest = read_header(data).get("owner_token_sha256")
-        try:
-            token_digest = bytes.fromhex(digest)
-        except (TypeError, ValueError):
-            raise StreamFileError(f"the header's owner_token_sha256 {str(digest)[:80]!r} is not a sha256") from None
-        if len(token_digest) != 32:
-            raise StreamFileError(f"the header's owner_token_sha256 holds {len(token_digest)} bytes, not 32")
-        stream, _ = await self.service.import_stream(data, stream_id=stream_id, token_digest=token_digest,
+        stream, _ = await self.service.import_stream(data, stream_id=stream_id, token_digest=owner_digest(data),
                                                      max_bytes=self.service.own_file_bytes())
         start = stream.frames_received
         noted = self._notes.read(stream_id)
@@ -311,6 +317,21 @@ class Checkpointer:
                     "lost)", stream_id, start, lost)
         self._notes.note(stream_id, start)
         self._written[stream_id] = Written(change_key(stream), stream.clips_encoded, time.time())
+
+    async def adopt(self, path: Path) -> None:
+        """Restore a checkpoint a dead server left in its dir (`serving.ray.healing`): the file and its received
+        note move into this dir first, so this server checkpoints the stream from now on. Raises as a restore
+        fails; a file at fault is moved to `rejected/`."""
+        own = stream_path(self.directory, path.name.removesuffix(SUFFIX))
+        for source, target in ((path, own), (path.with_suffix(RECEIVED_SUFFIX), own.with_suffix(RECEIVED_SUFFIX))):
+            if source.exists():
+                await asyncio.to_thread(source.replace, target)
+        try:
+            await self._restore(own)
+        except Exception as e:
+            if _file_at_fault(e):
+                await asyncio.to_thread(self._move_aside, own)
+            raise
 
     def _move_aside(self, path: Path) -> None:
         """A checkpoint that failed to restore, with its received note, out of the way of the next start."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 FORMAT_NAME = "livevlm-stream"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: position records (`ltm_pos`, `stm_pos`); version-1 files are read as 1-D streams
 MAX_HEADER_BYTES = 4 * 2**20  # the safetensors header (tensor table + LiveVLM header); real ones are KiBs
 HEADER_KEY = "livevlm.stream"
 CHECKSUM_KEY = "livevlm.checksum"
@@ -30,17 +30,21 @@ ENCODED_TIMES = "encoded_times"    # [E] float64: stream-clock time of each enco
 
 # Every tensor a stream's memory holds, per tensor-parallel rank (`shard_name`): dtype ("kv" = the model's)
 # and shape, in dimensions fixed by the fingerprint (L layers, H KV heads per rank, D head dim) or free
-# (S sinks, n long-term tokens, p full pages, m short-term tokens), which must agree across tensors.
+# (S sinks, n long-term tokens, p full pages, m short-term tokens, A position-record axes: 0 on 1-D models,
+# 4 on multi-axis ones, docs/positions.md), which must agree across tensors.
 MEMORY_TENSORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sinks_k": ("kv", ("L", "S", "H", "D")), "sinks_v": ("kv", ("L", "S", "H", "D")),
     "ltm_k": ("kv", ("L", "n", "H", "D")), "ltm_v": ("kv", ("L", "n", "H", "D")),
     "ltm_score": ("float32", ("L", "n", "H")),
     "ltm_ids": ("int64", ("L", "H", "n")), "ltm_frames": ("int64", ("L", "H", "n")),
+    "ltm_pos": ("int64", ("L", "H", "n", "A")),
     "ltm_summary": ("float32", ("L", "p", "H", "D")),
     "stm_k": ("kv", ("L", "m", "H", "D")), "stm_v": ("kv", ("L", "m", "H", "D")),
     "stm_score": ("float32", ("L", "m", "H")),
-    "stm_ids": ("int64", ("m",)), "stm_frames": ("int64", ("m",)),
+    "stm_ids": ("int64", ("m",)), "stm_frames": ("int64", ("m",)), "stm_pos": ("int64", ("m", "A")),
 }
+# Memory tensors a format version added: older files lack them and are upgraded when read (`_upgrade`).
+ADDED_IN_VERSION = {"ltm_pos": 2, "stm_pos": 2}
 # The front end's tensors, once per file.
 FRONT_TENSORS: dict[str, tuple[str, tuple[str, ...]]] = {
     PENDING_FRAMES: ("uint8", ("F", "h", "w", "c")), PENDING_TIMES: ("float64", ("F",)),
@@ -98,7 +102,24 @@ def decode_stream(data: bytes, max_bytes: int,
         tensors = load(bytes(data))
     except Exception as e:  # a layout the checks above let through; nothing was kept
         raise StreamFileError(f"the tensors cannot be read: {e}") from None
-    return header, tensors
+    return header, _upgrade(header, tensors)
+
+
+def _memory_tensors(version: int) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The memory tensors a file of this format version holds."""
+    return {name: spec for name, spec in MEMORY_TENSORS.items() if ADDED_IN_VERSION.get(name, 1) <= version}
+
+
+def _upgrade(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A version-1 file (written before position records) holds a 1-D model's stream, whose records are
+    zero-wide: add them, so a server upgrade keeps restoring its checkpoints."""
+    if header["version"] >= 2:
+        return tensors
+    for rank in range(header["model"]["tp_size"]):
+        ltm_ids, stm_ids = tensors[shard_name(rank, "ltm_ids")], tensors[shard_name(rank, "stm_ids")]
+        tensors[shard_name(rank, "ltm_pos")] = torch.zeros(*ltm_ids.shape, 0, dtype=torch.int64)
+        tensors[shard_name(rank, "stm_pos")] = torch.zeros(*stm_ids.shape, 0, dtype=torch.int64)
+    return tensors
 
 
 def read_header(data: bytes) -> dict[str, Any]:
@@ -222,7 +243,8 @@ def _check_schema(header: dict[str, Any], entries: dict[str, dict[str, Any]]) ->
     kv = _DTYPES.get(model.get("dtype")) if model.get("dtype") in ("float32", "bfloat16", "float16") else None
     if kv is None:
         raise StreamFileError(f"the model fingerprint's dtype {_short(model.get('dtype'))} is not a KV dtype")
-    expected = {shard_name(r, name): spec for r in range(tp) for name, spec in MEMORY_TENSORS.items()}
+    memory_tensors = _memory_tensors(header["version"])
+    expected = {shard_name(r, name): spec for r in range(tp) for name, spec in memory_tensors.items()}
     expected.update(FRONT_TENSORS)
     if set(entries) != set(expected):
         missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
@@ -230,7 +252,7 @@ def _check_schema(header: dict[str, Any], entries: dict[str, dict[str, Any]]) ->
                               f"{[_short(name) for name in extra[:5]]}")
     for rank in range(tp):
         bound = {"L": layers, "H": heads // tp, "D": dim, "c": 3}
-        for name, (dtype, dims) in [*MEMORY_TENSORS.items(), *FRONT_TENSORS.items()]:
+        for name, (dtype, dims) in [*memory_tensors.items(), *FRONT_TENSORS.items()]:
             full = name if name in FRONT_TENSORS else shard_name(rank, name)
             code = kv[0] if dtype == "kv" else _DTYPES[dtype][0]
             entry = entries[full]

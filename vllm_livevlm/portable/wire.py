@@ -15,7 +15,9 @@ Wire = tuple[str, list[int], bytes]
 def to_wire(tensor: torch.Tensor) -> Wire:
     """A copy of `tensor`'s bytes with its dtype name and shape."""
     tensor = tensor.detach().cpu().contiguous()
-    return str(tensor.dtype).removeprefix("torch."), list(tensor.shape), tensor.view(torch.uint8).numpy().tobytes()
+    # flattened first: a contiguous tensor may keep a stride of 0 on a size-1 last dim, which `view` refuses
+    data = tensor.flatten().view(torch.uint8).numpy().tobytes()
+    return str(tensor.dtype).removeprefix("torch."), list(tensor.shape), data
 
 
 def from_wire(wire: Wire, device: torch.device | str = "cpu") -> torch.Tensor:

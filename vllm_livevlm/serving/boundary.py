@@ -16,7 +16,7 @@ and audio parts itself, before and outside our upload checks, so a JSON body hol
 routes: video goes through `/v1/video/streams`. A body nesting deeper than `max_json_depth` is refused
 (400) too: vLLM's parsers would raise `RecursionError` (500).
 
-Reusable: `TrustBoundary(app, max_body_bytes)` wraps any ASGI app (the Ray router mounts it too).
+Reusable: `TrustBoundary(app, max_body_bytes)` wraps any ASGI app.
 """
 
 from __future__ import annotations
@@ -143,43 +143,59 @@ class TrustBoundary:
         if scope["type"] != "http" or EXEMPT_PATH.match(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            await self._refuse(413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes}",
-                               scope, receive, send)
+        body = await read_capped(scope, receive, self.max_body_bytes)
+        if isinstance(body, TooLarge):
+            await self._refuse(413, body.message, scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._refuse(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                                   scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        if body is None:  # the client went away
+            return
         refusal = refusal_of(body, not scope.get("path", "").startswith(OUR_ROUTES), self.max_json_depth) \
             if body else None
         if refusal is not None:
             await self._refuse(400, refusal.message, scope, receive, send, refusal.param)
             return
-        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def replayed() -> Message:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replayed, send)
+        await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
     async def _refuse(status: int, message: str, scope: Scope, receive: Receive, send: Send,
                       param: str | None = None) -> None:
         await error_response(status, message, param)(scope, receive, send)
+
+
+class TooLarge(NamedTuple):
+    message: str
+
+
+async def read_capped(scope: Scope, receive: Receive, max_bytes: int) -> bytes | TooLarge | None:
+    """A request's body, read no further than `max_bytes` (refused by its declared length first); None if
+    the client went away."""
+    declared = _content_length(scope)
+    if declared is not None and declared > max_bytes:
+        return TooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            return TooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` that first hands on the body already read."""
+    replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return replay.pop() if replay else await receive()
+
+    return replayed
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -4,7 +4,7 @@ vLLM's uvicorn closes a connection that has been idle for `VLLM_HTTP_TIMEOUT_KEE
 default), and httpx keeps an idle connection for 5 s by default too. The client starts its clock when it has
 read the response, later than the server, so under load a client can send a request on a connection the
 server is closing that instant: the request fails with `ReadError` although nothing was wrong with it. Our
-clients (the Ray router, the eval answerer) give idle connections up well before the server does.
+clients (the eval answerer) give idle connections up well before the server does.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from vllm_livevlm.serving.media import FrameDecoder
 from vllm_livevlm.serving.restore_gate import RestoreGate
 from vllm_livevlm.serving.service import ServerLimits, StreamService, config_from_env
 from vllm_livevlm.service_env import STATE_DIR_ENV
-from vllm_livevlm.streams import ARCHITECTURE, StreamEngine
+from vllm_livevlm.model.adapter import adapter_class
+from vllm_livevlm.streams import StreamEngine
 
 SOCKET_AUTH = "vllm_livevlm.serving.socket_auth.SubprotocolCredentials"
 
@@ -56,22 +57,24 @@ class LiveVLMEndpoints:
         if kv is None or kv.kv_connector != "LiveVLMConnector":
             raise RuntimeError("the livevlm_streams endpoint plugin needs the LiveVLM engine settings: start the "
                                "server with `vllm-livevlm serve MODEL` (or pass the flags listed in the README)")
-        if ARCHITECTURE not in (vllm_config.model_config.architectures or []):
-            raise RuntimeError(f"the model must run as {ARCHITECTURE} (--hf-overrides)")
+        architecture = adapter_class(vllm_config.model_config.hf_config.architectures).livevlm_architecture
+        if architecture not in (vllm_config.model_config.architectures or []):
+            raise RuntimeError(f"the model must run as {architecture} (--hf-overrides)")
         from patches.async_llm_pre_shutdown_hooks import add_pre_shutdown_hook
 
         names = getattr(args, "served_model_name", None) or [vllm_config.model_config.model]
         core = StreamEngine(engine_client, config_from_env(), vllm_config.model_config.model,
                             vllm_config.scheduler_config.max_num_batched_tokens)
         service = StreamService(core, ServerLimits.from_env(), names[0],
-                                ModelShape.of(vllm_config.model_config, core.tokens_per_frame))
+                                ModelShape.of(vllm_config.model_config, core.tokens_per_frame,
+                                              core.adapter.position_axes))
         service.checkpointer = _checkpointer(service)
         service.start()
         add_pre_shutdown_hook(engine_client, service.before_engine_shutdown)
         state.livevlm = service
-        # Uploads are shrunk to the vision tower's input side (SigLIP `image_size`) as they are decoded.
-        vision = vllm_config.model_config.hf_config.vision_config
-        state.livevlm_decoder = FrameDecoder(service.limits, vision.image_size)
+        # Uploads are shrunk to the vision tower's input side (SigLIP `image_size`, Qwen-VL's frame pixels) as
+        # they are decoded.
+        state.livevlm_decoder = FrameDecoder(service.limits, core.adapter.frame_side)
         state.livevlm_websockets = 0  # open stream websockets (`max_websockets`)
 
 

@@ -135,6 +135,9 @@ class StreamService:
         self._loop_thread: int | None = None
         self._reaper: asyncio.Task | None = None
         self.checkpointer: Checkpointer | None = None  # with a state dir (`serving.plugin`)
+        # The id of a stream being opened (None: the engine's random one); Ray Serve replicas mint ids that
+        # name their home (`serving.ray.ids`).
+        self.new_stream_id: Callable[[], str | None] = lambda: None
         # Reserved once, at start: the step's captured clip K/V and the worst vision-to-vision scoring.
         self.capture_reserve = capture_bytes(shape, core.max_num_batched_tokens)
         self.scoring_reserve = scoring_reserve_bytes(shape, limits.max_stream_bytes, limits.max_clip_frames)
@@ -185,7 +188,13 @@ class StreamService:
                            "pending_policy")
         self._check_capacity()
         resolved, reserve = self._admit(config, system_prompt)
-        return await self._opened(reserve, self.core.open_stream(resolved, system_prompt), pending_policy)
+        return await self._opened(reserve, self.core.open_stream(resolved, system_prompt, self.new_stream_id()),
+                                  pending_policy)
+
+    @property
+    def opening(self) -> int:
+        """Streams admitted whose sinks are still being encoded (a Serve replica's load counts them)."""
+        return self._opening
 
     def own_file_bytes(self) -> int:
         """The largest stream file this server writes (a stream's bound, its pending frames, 1 MiB of header):
@@ -212,7 +221,8 @@ class StreamService:
         _, reserve = self._admit(state.get("config"), state["system_prompt"])
 
         async def opening() -> LiveStream:
-            return (await self.core.import_stream(data, stream_id, max_bytes or self.limits.max_stream_file_bytes))[0]
+            return (await self.core.import_stream(data, stream_id or self.new_stream_id(),
+                                                  max_bytes or self.limits.max_stream_file_bytes))[0]
 
         try:
             stream, token = await self._opened(reserve, opening(), None, token_digest)
@@ -442,6 +452,10 @@ class StreamService:
 
     async def delete(self, stream_id: str, token: str | None) -> int:
         self.get(stream_id, token)
+        return await self.release(stream_id)
+
+    async def release(self, stream_id: str) -> int:
+        """Close a stream and remove its checkpoint (deleted, or moved to another server); the bytes freed."""
         try:
             return await self._close(stream_id)
         finally:

@@ -5,7 +5,7 @@ safetensors (vision tower keys renamed to the `vision_tower.vision_model.*` name
 tokenizer trained on the fly with the Qwen2 chat special tokens plus `<image>` / `<video>`, and the HF
 processor with the chat template. Same preset and seed ⇒ byte-identical weights.
 
-    python -m vllm_livevlm.testing.tiny_model OUT [--preset tiny|tiny-gqa|bench|0.5b|7b] [--seed 0]
+    python -m vllm_livevlm.testing.tiny_model OUT [--preset tiny|tiny-gqa|bench|0.5b|7b|qwen2.5-vl-tiny|...] [--seed 0]
 """
 
 from __future__ import annotations
@@ -72,21 +72,25 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE,
+                    image_token: str = "<image>", video_token: str = "<video>"):
+    """A byte-level BPE tokenizer trained on `_CORPUS` (no download); `special_tokens` must hold the Qwen2
+    chat tokens `<|endoftext|>` (pad), `<|im_start|>` and `<|im_end|>` (end of turn)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 20, trainer)
+    extra = [t for t in special_tokens if t not in ("<|endoftext|>", "<|im_end|>")]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<image>", "<video>"], chat_template=CHAT_TEMPLATE)
-    fast.image_token = "<image>"
-    fast.video_token = "<video>"
+        additional_special_tokens=extra, chat_template=chat_template)
+    fast.image_token = image_token
+    fast.video_token = video_token
     return fast
 
 
@@ -130,7 +134,7 @@ def build_tiny_model(out_dir: str, preset: str = "tiny", seed: int = 0, dtype: s
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     shape = PRESETS[preset]
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer = _train_tokenizer(shape.tokenizer_vocab)
+    tokenizer = train_tokenizer(shape.tokenizer_vocab)
     vocab = shape.vocab_size or len(tokenizer)
     text_config = Qwen2Config(
         vocab_size=vocab, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
@@ -167,28 +171,44 @@ def build_tiny_model(out_dir: str, preset: str = "tiny", seed: int = 0, dtype: s
     return out_dir
 
 
+def preset_names() -> list[str]:
+    """Every random-checkpoint preset: LLaVA-OneVision's (here) and the Qwen-VL ones (`tiny_qwen_vl`)."""
+    from vllm_livevlm.testing.tiny_qwen_vl import PRESETS as QWEN_PRESETS
+
+    return sorted({*PRESETS, *QWEN_PRESETS})
+
+
+def build_preset(out_dir: str, preset: str, seed: int = 0, dtype: str | None = None) -> str:
+    """Build the checkpoint of any preset (`preset_names`); `dtype` defaults to the builder's."""
+    from vllm_livevlm.testing.tiny_qwen_vl import PRESETS as QWEN_PRESETS, build_tiny_qwen_vl
+
+    build = build_tiny_qwen_vl if preset in QWEN_PRESETS else build_tiny_model
+    return build(out_dir, preset=preset, seed=seed, **({"dtype": dtype} if dtype else {}))
+
+
 def ensure_tiny_model(out_dir: str, preset: str = "tiny", seed: int = 0) -> str:
-    """Build the checkpoint unless `out_dir` already holds the same preset and seed."""
+    """Build the checkpoint of any preset unless `out_dir` already holds the same preset and seed."""
     marker = os.path.join(out_dir, "livevlm_tiny_model.json")
     if os.path.exists(marker):
         with open(marker) as f:
             info = json.load(f)
         if info.get("preset") == preset and info.get("seed") == seed:
             return out_dir
-    return build_tiny_model(out_dir, preset=preset, seed=seed)
+    return build_preset(out_dir, preset, seed)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="output directory")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="tiny", choices=preset_names())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="default: bfloat16 (LLaVA-OneVision), the preset's (Qwen-VL)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.time()
-    print(f"building {args.preset} LLaVA-OneVision (random weights, seed {args.seed}) in {args.out} ...", flush=True)
-    build_tiny_model(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype)
+    print(f"building the {args.preset} preset (random weights, seed {args.seed}) in {args.out} ...", flush=True)
+    build_preset(args.out, args.preset, seed=args.seed, dtype=args.dtype)
     print(f"done in {time.time() - start:.1f}s", flush=True)
 
 

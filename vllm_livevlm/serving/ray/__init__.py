@@ -1,6 +1,7 @@
-"""Scale-out with Ray: N LiveVLM server replicas (Ray actors) behind a router with stream affinity.
-
-A stream's memory lives inside one engine, so the router (`router.StreamRouter`) places each new stream on
-the least-loaded live replica and sends every later request of that stream to it; a stream whose replica
-died answers 503. `vllm-livevlm serve-ray` (`cli.py`) starts the replicas and the router.
+"""LiveVLM on Ray Serve: replicas that each run one LiveVLM engine behind Serve's proxies, with stream
+affinity (`router`: a stream id names its home, `ids`), forged ids refused at the proxy (`gate`), streams
+restored from checkpoints when a replica dies (`healing`), handed over when one is stopped or a `rebalance`
+evens them (`moving`, `rebalancing`), autoscaling by streams (`autoscaling`) and the layer's timings
+(`limits`).
+`vllm-livevlm serve-ray` (`cli.py`) writes and deploys the Serve config of the application (`app.build`).
 """

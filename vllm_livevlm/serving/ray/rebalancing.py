@@ -1,0 +1,72 @@
+"""`POST /v1/video/rebalance`: even the streams across the running replicas (an operator's call).
+
+The replica that receives it asks every running replica how many streams it holds (`LiveVLMServer.held`,
+a deployment-handle call the router sends to the replica it names), plans moves from the most loaded to the
+least loaded until the counts differ by at most one (`moving.plan`), and has each source hand its streams
+over (`LiveVLMServer.send` -> `moving.move`: requests held meanwhile, answers unchanged). It moves every
+client's streams, so it needs the server's API key, and is refused (403) on a server that has none.
+One rebalance at a time per replica (409 while one runs here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from vllm_livevlm.serving.errors import error_response
+from vllm_livevlm.serving.ray import placement
+from vllm_livevlm.serving.ray.moving import plan
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+PATH = "/v1/video/rebalance"
+
+
+async def held_streams(peers: "DeploymentHandle", timeout_s: float) -> dict[str, list[str]]:
+    """Running replica tag -> the ids of the streams it holds (replicas that do not answer within
+    `timeout_s` are left out: starting, stopping, or gone)."""
+    held = {}
+    for tag in await asyncio.to_thread(placement.live_replicas):
+        # One at a time: calls made within one request share its request id, by which Serve's router
+        # matches a routed call to the replica chosen for it.
+        try:
+            held[tag] = await asyncio.wait_for(peers.held.remote(tag), timeout_s)
+        except Exception:
+            continue
+    return held
+
+
+async def rebalance(peers: "DeploymentHandle", timeout_s: float) -> dict[str, Any]:
+    """Plan and run the moves; what moved and what each replica holds after."""
+    held = await held_streams(peers, timeout_s)
+    moves = Counter(plan({tag: len(ids) for tag, ids in held.items()}))
+    moved, failed = [], []
+    for (source, to), count in sorted(moves.items()):
+        result = await peers.send.remote(source, to, count)
+        moved += [{"id": stream_id, "from": source, "to": to} for stream_id in result["moved"]]
+        failed += result["failed"]
+    after = await held_streams(peers, timeout_s)
+    return {"object": "video.rebalance", "moved": moved, "failed": failed,
+            "streams": {tag: len(ids) for tag, ids in sorted(after.items())}}
+
+
+def route(peers: "DeploymentHandle", timeout_s: float):
+    """The route's handler (the API key, when the server has one, is checked before: `access.APIKeyGate`)."""
+    lock = asyncio.Lock()
+
+    async def handler(request: Request) -> JSONResponse:
+        if not os.environ.get("VLLM_API_KEY"):
+            return error_response(403, "rebalance moves every client's streams: it needs a server started with "
+                                       "--api-key")
+        if lock.locked():
+            return error_response(409, "a rebalance is already running")
+        async with lock:
+            return JSONResponse(await rebalance(peers, timeout_s))
+
+    return handler
