@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine: install the CUDA stack, run the tests marked `gpu` and the compiled-mode
-# tests (piecewise CUDA graphs vs --enforce-eager), benchmark the 7B shape (random weights) at 256 and 1,024
+# One command on a CUDA machine: install the CUDA stack, run the tests marked `gpu`, the compiled-mode
+# tests (piecewise CUDA graphs vs --enforce-eager) and the Qwen-VL lossless tests, benchmark the 7B shape (random weights) at 256 and 1,024
 # frames with the compiled-vs-eager column, print the table. Sized for a 15-minute GPU lease: the default run
 # fits in ~10 minutes (GPU_CHECK_BUDGET_S); every step prints its start and elapsed time.
 #
@@ -35,20 +35,23 @@ if [ "$DRY_RUN" != 1 ]; then
     if ! nvidia-smi -L; then echo "gpu_check: no CUDA GPU (nvidia-smi -L failed)" >&2; exit 2; fi
 fi
 
-step "1/4 install the CUDA stack (make install TARGET=cuda)"
+step "1/5 install the CUDA stack (make install TARGET=cuda)"
 if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then
     step "skipped (GPU_CHECK_SKIP_INSTALL=1): $(cat .venv/.livevlm-stack 2>/dev/null || echo 'no stamp')"
 else
     run make install TARGET=cuda
 fi
 
-step "2/4 tests marked gpu (pytest -m gpu)"
+step "2/5 tests marked gpu (pytest -m gpu)"
 run "$PY" -m pytest -m gpu -q -p no:cacheprovider
 
-step "3/4 compiled mode: token-exact vs --enforce-eager (fp32), refusals, the op at every step"
+step "3/5 compiled mode: token-exact vs --enforce-eager (fp32), refusals, the op at every step"
 run "$PY" -m pytest tests/test_compiled.py -q -p no:cacheprovider
 
-step "4/4 benchmark: 7b preset, 256 and 1,024 frames, systems $SYSTEMS, $REPS reps, compiled vs eager"
+step "4/5 multi-axis models: Qwen2.5-VL / Qwen3-VL lossless streams equal vanilla vLLM (the CUDA M-RoPE kernel)"
+run "$PY" -m pytest tests/test_qwen25vl.py tests/test_qwen3vl.py -q -p no:cacheprovider
+
+step "5/5 benchmark: 7b preset, 256 and 1,024 frames, systems $SYSTEMS, $REPS reps, compiled vs eager"
 mkdir -p "$OUT_DIR"
 run "$PY" -m vllm_livevlm.cli bench --model-preset 7b --lengths 256 --long-lengths 1024 --reps "$REPS" \
     --systems "$SYSTEMS" --compiled --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log"

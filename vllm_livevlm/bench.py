@@ -392,7 +392,7 @@ class Bench:
                     for clip_start in range(encoded, length, args.clip_frames):
                         head = sink if not session.tokens else reopen if answered else []
                         clip = self.frames[clip_start:min(clip_start + args.clip_frames, length)]
-                        item = self.adapter.video_item(clip, self.fps)
+                        item = self.adapter.video_item(clip, self.fps, clip_start)  # stream time (Qwen3-VL)
                         seconds, _, added = session.send({"prompt_token_ids": head + video,
                                                           "multi_modal_data": {"video": [item]}}, 1)
                         clips.append(seconds)
@@ -437,12 +437,14 @@ class Bench:
 
     def _vanilla_prompt(self, tokenizer, frames: np.ndarray) -> dict:
         clip = self.args.clip_frames
-        items = [frames[i:i + clip] for i in range(0, len(frames), clip)]
+        starts = range(0, len(frames), clip)
         sink = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
         turn = tokenizer.encode(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
         video = self.adapter.video_prompt(tokenizer)
-        return {"prompt_token_ids": sink + video * len(items) + turn,
-                "multi_modal_data": {"video": [self.adapter.video_item(item, self.fps) for item in items]}}
+        # Each item at its place in the stream (Qwen3-VL's prompt shows stream time, as LiveVLM's clips do).
+        return {"prompt_token_ids": sink + video * len(starts) + turn,
+                "multi_modal_data": {"video": [self.adapter.video_item(frames[i:i + clip], self.fps, i)
+                                               for i in starts]}}
 
     def _video_tokens(self, frames: int) -> int:
         """Prompt tokens of `frames` frames as clips of --clip-frames, at most (the model's video layout)."""
