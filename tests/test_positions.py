@@ -18,6 +18,7 @@ VIDEO_PAD = 7  # any id: vLLM's positions depend on the features' offsets, not o
 VISION = SimpleNamespace(spatial_merge_size=2, tokens_per_second=2, temporal_patch_size=2, patch_size=14)
 ADAPTER = Qwen2_5_VLAdapter.__new__(Qwen2_5_VLAdapter)
 ADAPTER.hf_config, ADAPTER.temporal_patch, ADAPTER.tokens_per_second = SimpleNamespace(vision_config=VISION), 2, 2
+ADAPTER.group_tokens = 768  # Qwen2.5-VL's default bound per temporal group (768 x 28 x 28 pixels)
 # (frames, merged rows, merged columns) of each clip: a flushed 3-frame and a 1-frame clip, a wide grid.
 CLIPS = [(4, 4, 4), (3, 4, 4), (1, 4, 4), (6, 2, 5)]
 
@@ -172,6 +173,7 @@ def test_serve_refuses_an_unsupported_checkpoint_before_starting_vllm(tmp_path, 
 
 QWEN3 = Qwen3VLAdapter.__new__(Qwen3VLAdapter)
 QWEN3.hf_config, QWEN3.temporal_patch = SimpleNamespace(vision_config=VISION), 2
+QWEN3.group_tokens = 768
 
 
 def qwen3_clip(frames: int, rows: int, cols: int, stamps: list[int], offset: int) -> tuple[list[int], object]:
@@ -217,3 +219,103 @@ def test_a_qwen3_vl_clip_that_does_not_fit_its_layout_is_refused():
                                          (len(clip), 4, None)):
         with pytest.raises(ValueError, match="on the Qwen3-VL layout"):
             QWEN3.clip_layout(num_tokens, frames, bad_grid, 0, torch.device("cpu"))
+
+
+# ---- what a frame costs on Qwen: the front end shrinks it to the tokens the memory counts --------------
+WIDE_AND_ODD = [(181, 4096), (4096, 181), (42, 298), (1080, 1920), (720, 1280), (10, 10), (113, 4000), (3000, 2999)]
+
+
+def _qwen25_tokens(adapter, height: int, width: int) -> int:
+    """Tokens per temporal group by transformers' own Qwen2.5-VL resize (independent of the adapter)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    h, w = smart_resize(height, width, factor=adapter.unit, min_pixels=adapter.unit ** 2,
+                        max_pixels=2 ** 40)  # the frame as it comes: no cap, what its shape alone costs
+    return (h // adapter.unit) * (w // adapter.unit)
+
+
+def _qwen3_tokens(model_dir: str, frames: int, height: int, width: int) -> int:
+    """Tokens per temporal group by transformers' Qwen3-VL video resize with the checkpoint's own limits."""
+    from transformers import AutoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    video = AutoProcessor.from_pretrained(model_dir).video_processor
+    unit = video.patch_size * video.merge_size
+    h, w = smart_resize(frames, height, width, temporal_factor=video.temporal_patch_size, factor=unit,
+                        min_pixels=video.size["shortest_edge"], max_pixels=video.size["longest_edge"])
+    return (h // unit) * (w // unit)
+
+
+def test_qwen25_vl_frames_are_shrunk_to_the_tokens_the_memory_counts(tiny_qwen25vl_dir):
+    """A bound on the shorter side alone let a 181 x 4096 frame cost many times the tokens per frame the
+    memory bounds count; every shape now fits `group_tokens` (the processor's own rounding)."""
+    from vllm_livevlm.model.adapter import adapter_for_model
+
+    adapter = adapter_for_model(tiny_qwen25vl_dir)
+    assert _qwen25_tokens(adapter, 181, 4096) > 4 * adapter.group_tokens  # what the old rule let through
+    for height, width in WIDE_AND_ODD:
+        short = min(height, width)
+        if _qwen25_tokens(adapter, height * adapter.unit // short, width * adapter.unit // short) > adapter.group_tokens:
+            with pytest.raises(ValueError, match="at any size"):  # too wide for 16 tokens even one unit high
+                adapter.frame_size(height, width)
+            continue
+        h, w = adapter.frame_size(height, width)
+        assert h <= height and w <= width and abs(h / w - height / width) <= 0.05 * height / width
+        assert _qwen25_tokens(adapter, h, w) <= adapter.group_tokens, (height, width, h, w)
+    assert adapter.frame_size(56, 56) == (56, 56)  # within the bound: kept as it is
+    with pytest.raises(ValueError, match="differ more than 200x"):
+        adapter.frame_size(10, 2010)
+
+
+def test_qwen3_vl_frames_are_shrunk_to_the_tokens_the_memory_counts(tiny_qwen3vl_dir):
+    from vllm_livevlm.model.adapter import adapter_for_model
+
+    adapter = adapter_for_model(tiny_qwen3vl_dir)
+    assert _qwen3_tokens(tiny_qwen3vl_dir, 4, 181, 4096) > 4 * adapter.group_tokens
+    for height, width in WIDE_AND_ODD:
+        short = min(height, width)
+        if _qwen3_tokens(tiny_qwen3vl_dir, 4, height * adapter.unit // short, width * adapter.unit // short) \
+                > adapter.group_tokens:
+            with pytest.raises(ValueError, match="at any size"):
+                adapter.frame_size(height, width)
+            continue
+        h, w = adapter.frame_size(height, width)
+        assert _qwen3_tokens(tiny_qwen3vl_dir, 4, h, w) <= adapter.group_tokens, (height, width, h, w)
+
+
+def test_a_qwen_clip_costing_more_tokens_than_counted_is_refused(tiny_qwen25vl_dir):
+    """Frames that reach the engine unshrunk (or a processor configured otherwise) fail their clip before
+    it is kept, instead of growing the memory past what admission reserved."""
+    from vllm_livevlm.model.adapter import adapter_for_model
+
+    adapter = adapter_for_model(tiny_qwen25vl_dir)
+    rows = adapter.group_tokens // 2 + 1  # a 2-row grid, one token over the bound per group
+    grid = (2, 2, rows)
+    with pytest.raises(ValueError, match="over the .* the stream's memory bound counts"):
+        adapter.clip_layout(2 * 2 * rows + 2, 4, grid, 0, torch.device("cpu"))
+    ok = (2, 2, adapter.group_tokens // 2)
+    assert adapter.clip_layout(2 * ok[1] * ok[2] + 2, 4, ok, 0, torch.device("cpu"))[0].numel() == 2 * ok[1] * ok[2] + 2
+
+
+def test_uploads_to_a_qwen_server_are_kept_at_the_adapters_size(tiny_qwen25vl_dir):
+    """The HTTP decoder shrinks with the adapter's rule (not the shorter side), and a frame the processor
+    refuses is a 400 naming it, before anything reaches the engine."""
+    import cv2
+    import numpy as np
+
+    from vllm_livevlm.model.adapter import adapter_for_model
+    from vllm_livevlm.serving.errors import APIError
+    from vllm_livevlm.serving.media import FrameDecoder, Upload
+    from vllm_livevlm.serving.service import ServerLimits
+
+    adapter = adapter_for_model(tiny_qwen25vl_dir)
+    decoder = FrameDecoder(ServerLimits(), adapter.frame_side, adapter.frame_size)
+
+    def png(height: int, width: int) -> bytes:
+        return cv2.imencode(".png", np.full((height, width, 3), 90, np.uint8))[1].tobytes()
+
+    frames = decoder.decode_now([Upload(png(720, 1280), "f", False)]).frames
+    assert frames.shape[1:3] == adapter.frame_size(720, 1280) and frames.shape[1] < adapter.frame_side
+    with pytest.raises(APIError) as refused:
+        decoder.decode_now([Upload(png(10, 2010), "g", False)])
+    assert refused.value.status == 400 and "differ more than 200x" in str(refused.value)

@@ -84,6 +84,12 @@ class ModelAdapter(ABC):
         clip): with chunked multimodal input off, the engine must batch that many tokens in one step."""
         return 0
 
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an uploaded frame is shrunk to before it is kept: what the processor sees
+        without losing anything, within the tokens per frame the memory bounds count. Default: the shorter
+        side at `frame_side` (a processor that resizes every frame to a square of that side)."""
+        return shorter_side_at(self.frame_side, height, width)
+
 
 class LlavaOnevisionAdapter(ModelAdapter):
     """LLaVA-OneVision: 1-D RoPE, `tokens_per_frame` tokens per frame (SigLIP patches pooled 2x2, 196 at
@@ -135,7 +141,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         vision = hf_config.vision_config
         self.temporal_patch = vision.temporal_patch_size
         self.tokens_per_second = getattr(vision, "tokens_per_second", 1.0)
-        unit = vision.patch_size * vision.spatial_merge_size
+        unit = self.unit = vision.patch_size * vision.spatial_merge_size
         max_pixels = _video_max_pixels(model_dir) or unit * unit * 768
         self.group_tokens = max_pixels // (unit * unit)  # at most, per temporal group
         # An upper bound per frame (memory bounds count `tokens_per_frame + 1` per short-term frame): a
@@ -145,6 +151,41 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     def max_clip_tokens(self, num_frames: int) -> int:
         return math.ceil(num_frames / self.temporal_patch) * self.group_tokens + 2
+
+    MAX_ASPECT = 200  # the Qwen processors refuse a frame whose sides differ more (`smart_resize`)
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """The Qwen processors keep a frame's aspect and round each side to the merged patch (`unit`): the
+        size is shrunk, aspect kept, until that rounded grid holds at most `group_tokens` tokens, whatever
+        the frame's shape (a bound on the shorter side alone lets a wide frame cost many times more)."""
+        if max(height, width) > self.MAX_ASPECT * min(height, width):
+            raise ValueError(f"a {width}x{height} frame: its sides differ more than {self.MAX_ASPECT}x, which "
+                             f"the {self.family} processor refuses")
+        scale = min(1.0, math.sqrt(self.group_tokens * self.unit ** 2 / (height * width)))
+        while True:
+            size = (height, width) if scale >= 1.0 else (max(1, round(height * scale)), max(1, round(width * scale)))
+            if self._grid_tokens(*size) <= self.group_tokens:
+                return size
+            if min(size) <= self.unit:  # the processor scales a shorter side back up to one unit
+                raise ValueError(f"a {width}x{height} frame costs more than {self.group_tokens} tokens at any size "
+                                 f"on {self.family}: its sides differ too much")
+            scale *= 0.98
+
+    def _grid_tokens(self, height: int, width: int) -> int:
+        """Tokens of a frame's merged grid as the processors round it; a side under one unit is scaled up
+        first, aspect kept (Qwen3-VL; Qwen2.5-VL costs no more there)."""
+        if min(height, width) < self.unit:
+            scale = self.unit / min(height, width)
+            height, width = int(height * scale), int(width * scale)
+        return max(1, round(height / self.unit)) * max(1, round(width / self.unit))
+
+    def _check_clip_tokens(self, num_tokens: int, num_frames: int) -> None:
+        """What the memory bounds counted: a clip whose frames cost more tokens (frames the front end did
+        not shrink, a processor configured otherwise) is refused before it is kept."""
+        bound = self.max_clip_tokens(num_frames)
+        if num_tokens > bound:
+            raise ValueError(f"{num_tokens} clip tokens for {num_frames} frames: over the {bound} the "
+                             "stream's memory bound counts")
 
     def video_prompt(self, tokenizer: Any) -> list[int]:
         return [tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|video_pad|>", "<|vision_end|>")]
@@ -170,6 +211,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     clip: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if grid is None:
             raise ValueError("a Qwen2.5-VL clip needs its video grid")
+        self._check_clip_tokens(num_tokens, num_frames)
         groups, rows, cols = grid
         if num_tokens != groups * rows * cols + 2 or groups != math.ceil(num_frames / self.temporal_patch):
             raise ValueError(f"{num_tokens} clip tokens for {num_frames} frames on a {groups}x{rows}x{cols} grid")
@@ -207,7 +249,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         self.hf_config = hf_config
         vision = hf_config.vision_config
         self.temporal_patch = vision.temporal_patch_size
-        unit = vision.patch_size * vision.spatial_merge_size
+        unit = self.unit = vision.patch_size * vision.spatial_merge_size
         volume = _video_max_pixels(model_dir) or unit * unit * 768 * self.VOLUME_FRAMES
         self.frame_side = math.isqrt(volume // self.VOLUME_FRAMES)
         self.group_tokens = math.ceil(self.frame_side / unit) ** 2  # the processor rounds sides to `unit`
@@ -243,6 +285,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     def clip_layout(self, num_tokens: int, num_frames: int, grid: tuple[int, ...] | None,
                     clip: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_clip_tokens(num_tokens, num_frames)
         groups, rows, cols, *runs = grid if grid is not None and len(grid) > 3 else (0, 0, 0)
         outer = num_tokens - groups * rows * cols - sum(runs)  # the clip's own vision_start/vision_end
         if (not groups or len(runs) != groups + 1 or outer not in (0, 2)
@@ -294,22 +337,46 @@ def adapter_for_model(model: str) -> ModelAdapter:
     return adapter_for(hf_config, model if os.path.isdir(model) else None)
 
 
+def shorter_side_at(side: int, height: int, width: int) -> tuple[int, int]:
+    """(height, width) scaled down, aspect kept, so the shorter side is at most `side`."""
+    scale = min(1.0, side / min(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def _video_feature(mm_features: list[Any]) -> Any:
     """A request's video item feature (one per clip request), or None."""
     return next((f for f in mm_features if f.modality == "video" and f.data is not None), None)
 
 
-def _video_max_pixels(model_dir: str | None) -> int | None:
-    """The most pixels the checkpoint's video processor resizes a frame to, if its config says."""
-    for name, key in (("video_preprocessor_config.json", None), ("processor_config.json", "video_processor")):
-        path = os.path.join(model_dir, name) if model_dir else None
-        if path is None or not os.path.exists(path):
+def _video_max_pixels(model: str | None) -> int | None:
+    """The most pixels the checkpoint's video processor resizes to (per frame, or per clip on Qwen3-VL), if
+    its config says: the files transformers reads, in its order (a video processor config, the processor
+    config's, else the image processor config it falls back to), `max_pixels` before `size.longest_edge`
+    (as its processors apply them); a hub id reads them from the hub cache."""
+    for name, key in (("video_preprocessor_config.json", None), ("processor_config.json", "video_processor"),
+                      ("preprocessor_config.json", None)):
+        path = _config_file(model, name)
+        if path is None:
             continue
         with open(path) as f:
             data = json.load(f)
-        data = data.get(key, {}) if key else data
-        size = data.get("size") or {}
-        pixels = size.get("longest_edge") or data.get("max_pixels")
+        data = data.get(key) or {} if key else data
+        pixels = data.get("max_pixels") or (data.get("size") or {}).get("longest_edge")
         if pixels:
             return int(pixels)
     return None
+
+
+def _config_file(model: str | None, name: str) -> str | None:
+    if not model:
+        return None
+    if os.path.isdir(model):
+        path = os.path.join(model, name)
+        return path if os.path.exists(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model, name)
+    except Exception:  # not a repo id
+        return None
+    return path if isinstance(path, str) else None

@@ -21,6 +21,7 @@ Reusable: `TrustBoundary(app, max_body_bytes)` wraps any ASGI app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -166,25 +167,35 @@ class TooLarge(NamedTuple):
     message: str
 
 
-async def read_capped(scope: Scope, receive: Receive, max_bytes: int) -> bytes | TooLarge | None:
-    """A request's body, read no further than `max_bytes` (refused by its declared length first); None if
-    the client went away."""
+class TooSlow(NamedTuple):
+    message: str
+
+
+async def read_capped(scope: Scope, receive: Receive, max_bytes: int,
+                      deadline_s: float | None = None) -> bytes | TooLarge | TooSlow | None:
+    """A request's body, read no further than `max_bytes` (refused by its declared length first) and, with
+    `deadline_s`, within that many seconds in all (a trickled body holds no coroutine past it); None if the
+    client went away."""
     declared = _content_length(scope)
     if declared is not None and declared > max_bytes:
         return TooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes}")
     chunks: list[bytes] = []
     size = 0
     more = True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            return TooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-        more = message.get("more_body", False)
+    try:
+        async with asyncio.timeout(deadline_s):
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > max_bytes:
+                    return TooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+    except TimeoutError:
+        return TooSlow(f"request body not received within {deadline_s:g} seconds")
     return b"".join(chunks)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import cv2
 import numpy as np
 
+from vllm_livevlm.model.adapter import shorter_side_at
 from vllm_livevlm.serving.errors import APIError
 
 if TYPE_CHECKING:
@@ -133,9 +135,13 @@ class FrameDecoder:
     At most `decode_workers + max_decode_queue` requests are decoding or waiting at once; the next one is
     refused with 429, so a flood costs neither unbounded memory nor unbounded queued work."""
 
-    def __init__(self, limits: ServerLimits, processor_side: int):
+    def __init__(self, limits: ServerLimits, processor_side: int,
+                 frame_size: Callable[[int, int], tuple[int, int]] | None = None):
         self.limits = limits
         self.processor_side = processor_side  # the model's vision input (SigLIP `image_size`)
+        # (height, width) -> the size a frame is kept at (`ModelAdapter.frame_size`); default: the shorter
+        # side at `processor_side`, as LLaVA-OneVision's processor sees it.
+        self.frame_size = frame_size or functools.partial(shorter_side_at, processor_side)
         self.capacity = limits.decode_workers + limits.max_decode_queue
         self._pool = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="livevlm-decode")
         self._admitted = 0
@@ -264,13 +270,15 @@ class FrameDecoder:
                                 f"({self.limits.max_video_frames})", "frames")
 
     def shrink(self, frame: np.ndarray) -> np.ndarray:
-        """Scale a frame down so its shorter side is the processor's input side, keeping its aspect ratio.
-
-        LLaVA-OneVision's processor resizes every frame to `processor_side` squared, so nothing it sees is
-        lost; frames already at or below that size are returned as they are (bit for bit)."""
+        """Scale a frame down to the size the model's processor sees (`frame_size`), keeping its aspect ratio,
+        so nothing it sees is lost and no frame costs more tokens than the memory bounds count; frames
+        already at or below that size are returned as they are (bit for bit). A shape the processor
+        refuses is a 400."""
         height, width = frame.shape[:2]
-        scale = self.processor_side / min(height, width)
-        if scale >= 1:
+        try:
+            size = self.frame_size(height, width)
+        except ValueError as e:
+            raise APIError(400, str(e), "frames") from None
+        if size == (height, width):
             return frame
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        return cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA)

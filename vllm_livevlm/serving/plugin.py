@@ -74,7 +74,7 @@ class LiveVLMEndpoints:
         state.livevlm = service
         # Uploads are shrunk to the vision tower's input side (SigLIP `image_size`, Qwen-VL's frame pixels) as
         # they are decoded.
-        state.livevlm_decoder = FrameDecoder(service.limits, core.adapter.frame_side)
+        state.livevlm_decoder = FrameDecoder(service.limits, core.adapter.frame_side, core.adapter.frame_size)
         state.livevlm_websockets = 0  # open stream websockets (`max_websockets`)
 
 

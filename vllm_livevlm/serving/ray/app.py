@@ -16,6 +16,7 @@ IMPORT_PATH = "vllm_livevlm.serving.ray.app:build"
 
 def build(args: dict[str, Any]) -> Application:
     """`args`: model, config (LiveVLMConfig fields), vllm_args (`vllm serve` flags), limits (`ServerLimits`),
-    env (variables every replica sets), state_dir (checkpoints and healing, `healing.py`)."""
+    env (variables every replica sets), state_dir (checkpoints and healing, `healing.py`), api_key_version
+    (`secret.key_version`: a new API key redeploys the replicas)."""
     return LiveVLMServer.bind(args["model"], args.get("config") or {}, list(args.get("vllm_args") or []),
-                              args.get("limits"), args.get("env"), args.get("state_dir"))
+                              args.get("limits"), args.get("env"), args.get("state_dir"), args.get("api_key_version"))

@@ -10,14 +10,15 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 from vllm_livevlm.cli import limits_from_args
 from vllm_livevlm.config import LiveVLMConfig
 
 APP_NAME = "livevlm"
 _FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
-_NOT_FORWARDED = frozenset({"VLLM_API_KEY", "VLLM_HOST_IP", "VLLM_PORT"})  # a secret; per node
+_NOT_FORWARDED = frozenset({"VLLM_HOST_IP", "VLLM_PORT"})  # per node
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")  # never written into the config: it is not a secret store
 
 
 def replica_gpus(vllm_args: list[str], cluster_gpus: float) -> int:
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> None:
     import ray
 
     from vllm_livevlm.serving.ray.gate import CALLBACK, CALLBACK_ENV
-    from vllm_livevlm.serving.ray.secret import cluster_secret, set_api_key
+    from vllm_livevlm.serving.ray.secret import cluster_secret, key_version, set_api_key
 
     if args.address:
         if os.environ.get(CALLBACK_ENV) != CALLBACK:
@@ -135,8 +136,7 @@ def main(argv: list[str]) -> None:
     record(ray_limits)
     app_args = {"model": args.model, "config": LiveVLMConfig.from_cli_args(args).to_dict(), "vllm_args": vllm_args,
                 "limits": limits_from_args(args), "state_dir": _state_root(parser, args.livevlm_state_dir),
-                "env": {k: v for k, v in os.environ.items()
-                        if k.startswith(_FORWARDED_ENV_PREFIXES) and k not in _NOT_FORWARDED}}
+                "env": forwarded_env(os.environ), "api_key_version": key_version(api_key, cluster_secret())}
     config = serve_config(app_args, args.host, args.port, args.replicas, args.replica_cpus,
                           replica_gpus(vllm_args, ray.cluster_resources().get("GPU", 0)), args.streams_per_replica,
                           args.max_replicas)
@@ -145,6 +145,13 @@ def main(argv: list[str]) -> None:
         if args.dry_run:
             return
     _run(config, stop_cluster=not args.address)
+
+
+def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables every replica sets: the vLLM/Hugging Face ones, except per-node ones and any whose name
+    says it is a secret (`HF_TOKEN`: the nodes' own environment holds it, never the Serve config)."""
+    return {k: v for k, v in environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES) and k not in _NOT_FORWARDED
+            and not any(word in k.replace("TOKENIZER", "") for word in _SECRET_WORDS)}
 
 
 def _state_root(parser: argparse.ArgumentParser, root: str | None) -> str | None:

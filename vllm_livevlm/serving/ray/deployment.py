@@ -34,14 +34,14 @@ DEPLOYMENT = "LiveVLMServer"
 class LiveVLMServer:
     async def __init__(self, model: str, config: dict[str, Any], vllm_args: list[str],
                      limits: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                     state_root: str | None = None):
+                     state_root: str | None = None, api_key_version: str | None = None):
         self._engine_context = contextlib.AsyncExitStack()  # first: the destructor runs after a failed start too
         from vllm_livevlm.cli import serve_command
         from vllm_livevlm.serving.ray import placement
         from vllm_livevlm.serving.ray.healing import own_dir
         from vllm_livevlm.serving.ray.ids import home_tag
         from vllm_livevlm.serving.ray.limits import recorded
-        from vllm_livevlm.serving.ray.secret import api_key
+        from vllm_livevlm.serving.ray.secret import api_key, cluster_secret, key_version
 
         self.limits = recorded()
         replica = serve.get_replica_context().replica_id
@@ -54,6 +54,8 @@ class LiveVLMServer:
         command, livevlm = serve_command(model, LiveVLMConfig.from_dict(config), vllm_args, limits, state_dir)
         os.environ.update({**(env or {}), **livevlm})
         key = api_key()
+        if key_version(key, cluster_secret()) != api_key_version:  # the config is of another key: a new deploy comes
+            raise RuntimeError("the cluster's API key is not the one this deployment was made with: deploy again")
         if key:  # from the cluster's store: vLLM and the plugin read it here, no command line shows it
             os.environ["VLLM_API_KEY"] = key
         self._vllm_app = await self._start(command[3:])  # command = [python, -m, module, *server flags]
@@ -75,7 +77,7 @@ class LiveVLMServer:
         await asyncio.to_thread(record_body_limit, self.service.limits.max_request_body_bytes)
         self._peers = serve.get_deployment_handle(DEPLOYMENT, serve.get_replica_context().app_name,
                                                   _check_exists=False)
-        self._vllm_app.add_api_route(rebalancing.PATH, rebalancing.route(self._peers, self.limits.hand_over_seconds),
+        self._vllm_app.add_api_route(rebalancing.PATH, rebalancing.route(self._peers, self.limits),
                                      methods=["POST"], include_in_schema=False)
         self._gate = MoveGate(self._vllm_app, self.service, self.limits.retry_after_seconds)
         self._moves_announced = False  # routers look up moved streams of a replica that reports moves
@@ -126,14 +128,14 @@ class LiveVLMServer:
 
     async def send(self, to_me: str, to: str, count: int) -> dict[str, list]:
         """Hand `count` of this replica's streams over to the replica `to` (`moving.move`), stopping at the
-        first that fails (it stays here)."""
+        first that fails (it stays here); streams another move holds are not picked."""
         from vllm_livevlm.serving.ray.moving import move
 
         if not self._moves_announced:  # from now on the routers look up where this replica's streams live
             self._moves_announced = True
             await asyncio.sleep(self.limits.move_settle_seconds)
         moved: list[str] = []
-        for stream_id in list(self.service.core.streams)[:count]:
+        for stream_id in [s for s in self.service.core.streams if s not in self._gate.moving][:count]:
             try:
                 await move(self.service, self._gate, self._peers, stream_id, self.tag, to,
                            self.limits.hand_over_seconds)
@@ -150,6 +152,7 @@ class LiveVLMServer:
 
         await self.service.import_stream(data, stream_id=stream_id, token_digest=owner_digest(data),
                                          max_bytes=self.service.own_file_bytes())
+        self._gate.arrived(stream_id)
         await asyncio.to_thread(placement.set_home, stream_id, self.tag)
         return self.tag
 

@@ -2,7 +2,7 @@
 stream id that is not an authentic id of this cluster (`ids.StreamIds`), before the request is routed: a
 forged or foreign id never reaches a replica. A chat completion's body is read first (with the API key
 only: the key is checked from the head first; up to the replicas' `max_request_body_bytes`, 413 past it,
-before more is buffered) for the stream it names
+before more is buffered; within `RayLimits.body_read_seconds`, 408 past it) for the stream it names
 (`addressing.body_session`), which becomes its `X-Session-ID`: the router sends it to that stream's home,
 whatever header it came with. It also rewrites the proxy's own plain-text 503 (a stream being restored,
 `router.HomeUnavailable`) into the single server's JSON error, keeping its Retry-After. Installed through
@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket
 
 from vllm_livevlm.serving.errors import error_body, error_response
 from vllm_livevlm.serving.access import bearer_matches, key_digests
-from vllm_livevlm.serving.boundary import TooLarge, read_capped, replaying
+from vllm_livevlm.serving.boundary import TooLarge, TooSlow, read_capped, replaying
 from vllm_livevlm.serving.ray.addressing import CHAT_PATH, SESSION_HEADER, body_session, named_stream
 from vllm_livevlm.serving.ray.ids import StreamIds
 from vllm_livevlm.serving.ray.secret import cluster_secret
@@ -39,13 +39,14 @@ class ForgedStreamGate:
     def __init__(self, app: Any):
         self.app = app
         self._ids: StreamIds | None = None  # the cluster secret is read at the first request
-        self._settings: tuple[int, list[bytes], float] = (0, [], -_LIMIT_TTL_S)  # body limit, key digests, when
+        # body limit, key digests, body read seconds, when read
+        self._settings: tuple[int, list[bytes], float, float] = (0, [], 0.0, -_LIMIT_TTL_S)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST" and \
                 scope.get("path", "").rstrip("/") == CHAT_PATH:
             readdressed = await self._readdressed(scope, receive, send)
-            if readdressed is None:  # answered (413) or the client went away
+            if readdressed is None:  # answered (413, 408) or the client went away
                 return
             scope, receive = readdressed
         if scope["type"] in ("http", "websocket"):
@@ -64,28 +65,29 @@ class ForgedStreamGate:
                     send = _json_unavailable(send)
         await self.app(scope, receive, send)
 
-    async def _cluster_settings(self) -> tuple[int, list[bytes]]:
-        """The replicas' body limit and the digests of the API key, read from the cluster's store at most
-        every `_LIMIT_TTL_S`."""
-        limit, digests, read_at = self._settings
+    async def _cluster_settings(self) -> tuple[int, list[bytes], float]:
+        """The replicas' body limit, the digests of the API key and `RayLimits.body_read_seconds`, read from
+        the cluster's store at most every `_LIMIT_TTL_S`."""
+        limit, digests, read_s, read_at = self._settings
         if time.monotonic() - read_at > _LIMIT_TTL_S:
-            from vllm_livevlm.serving.ray.limits import body_limit
+            from vllm_livevlm.serving.ray.limits import body_limit, recorded
             from vllm_livevlm.serving.ray.secret import api_key
 
-            limit, key = await asyncio.to_thread(lambda: (body_limit(), api_key()))
+            limit, key, read_s = await asyncio.to_thread(lambda: (body_limit(), api_key(),
+                                                                  recorded().body_read_seconds))
             digests = key_digests([key] if key else [])
-            self._settings = (limit, digests, time.monotonic())
-        return limit, digests
+            self._settings = (limit, digests, read_s, time.monotonic())
+        return limit, digests, read_s
 
     async def _readdressed(self, scope: dict, receive: Any, send: Any) -> tuple[dict, Any] | None:
         """The chat completion with `X-Session-ID` naming the stream its body makes the replica answer from.
         Without the API key the body is not read: the replica refuses the request (401) from its head."""
-        limit, digests = await self._cluster_settings()
+        limit, digests, read_s = await self._cluster_settings()
         if digests and not bearer_matches(Headers(scope=scope), digests):
             return scope, receive
-        body = await read_capped(scope, receive, limit)
-        if isinstance(body, TooLarge):
-            refusal = error_response(413, body.message)
+        body = await read_capped(scope, receive, limit, read_s)
+        if isinstance(body, (TooLarge, TooSlow)):
+            refusal = error_response(413 if isinstance(body, TooLarge) else 408, body.message)
             refusal.headers[REFUSED_HEADER] = "proxy"
             await refusal(scope, receive, send)
             return None

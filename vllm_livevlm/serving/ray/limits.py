@@ -19,6 +19,8 @@ class RayLimits:
     hand_over_seconds: float = 10.0    # one stream's import on another replica (scale-down, rebalance)
     retry_after_seconds: float = 2.0   # the Retry-After of a stream that is being restored
     move_settle_seconds: float = 3.0   # a replica's first rebalance waits this for every router to learn it moves
+    rebalance_lease_seconds: float = 600.0  # a rebalance's cluster-wide lock expires after this (holder died)
+    body_read_seconds: float = 30.0    # a proxy reads a chat completion's body within this, else 408
 
     def __post_init__(self) -> None:
         for f in fields(self):

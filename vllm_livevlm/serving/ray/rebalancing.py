@@ -5,7 +5,8 @@ a deployment-handle call the router sends to the replica it names), plans moves 
 least loaded until the counts differ by at most one (`moving.plan`), and has each source hand its streams
 over (`LiveVLMServer.send` -> `moving.move`: requests held meanwhile, answers unchanged). It moves every
 client's streams, so it needs the server's API key, and is refused (403) on a server that has none.
-One rebalance at a time per replica (409 while one runs here).
+One rebalance at a time in the whole cluster (409 while one runs on any replica: a `lease.Lease` in the
+cluster's store, which expires after `rebalance_lease_seconds` if its holder died).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from fastapi.responses import JSONResponse
 
 from vllm_livevlm.serving.errors import error_response
 from vllm_livevlm.serving.ray import placement
+from vllm_livevlm.serving.ray.lease import Lease
+from vllm_livevlm.serving.ray.limits import RayLimits
 from vllm_livevlm.serving.ray.moving import plan
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
 PATH = "/v1/video/rebalance"
+LEASE_KEY = "rebalance-lease"
 
 
 async def held_streams(peers: "DeploymentHandle", timeout_s: float) -> dict[str, list[str]]:
@@ -56,17 +60,19 @@ async def rebalance(peers: "DeploymentHandle", timeout_s: float) -> dict[str, An
             "streams": {tag: len(ids) for tag, ids in sorted(after.items())}}
 
 
-def route(peers: "DeploymentHandle", timeout_s: float):
+def route(peers: "DeploymentHandle", limits: RayLimits):
     """The route's handler (the API key, when the server has one, is checked before: `access.APIKeyGate`)."""
-    lock = asyncio.Lock()
+    lease = Lease(LEASE_KEY, limits.rebalance_lease_seconds)
 
     async def handler(request: Request) -> JSONResponse:
         if not os.environ.get("VLLM_API_KEY"):
             return error_response(403, "rebalance moves every client's streams: it needs a server started with "
                                        "--api-key")
-        if lock.locked():
+        if not await asyncio.to_thread(lease.acquire):
             return error_response(409, "a rebalance is already running")
-        async with lock:
-            return JSONResponse(await rebalance(peers, timeout_s))
+        try:
+            return JSONResponse(await rebalance(peers, limits.hand_over_seconds))
+        finally:
+            await asyncio.to_thread(lease.release)
 
     return handler

@@ -7,6 +7,8 @@ Ray's token authentication guards; a restarted proxy or replica finds the same v
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 
 NAMESPACE = "livevlm"
@@ -40,3 +42,10 @@ def api_key() -> str | None:
 
     value = _internal_kv_get(_API_KEY, namespace=NAMESPACE)
     return value.decode() if value else None
+
+
+def key_version(key: str | None, secret: bytes) -> str | None:
+    """What the Serve config holds of the API key: its HMAC-SHA256 under the cluster secret (never the key,
+    and no unkeyed hash to guess it from), so that a new key changes the config and Serve redeploys the
+    replicas, which read the key from the store only when they start."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest() if key else None
