@@ -209,6 +209,20 @@ def qwen_video_metadata(frames: int, fps: float, first_frame: int = 0) -> dict:
             "do_sample_frames": False}
 
 
+def assert_lossless_streams_answer_as_vanilla(lv, clip_frames: int, frames: int, seeds: int, vanilla) -> None:
+    """Per seed: a lossless stream fed `frames` random frames in clips of `clip_frames` answers QUESTION
+    token for token as `vanilla(clips)` (vanilla vLLM over one video item per clip) and covers every frame."""
+    for seed in range(seeds):
+        video = random_video(seed, frames)
+        stream = lv.open_stream({"clip_frames": clip_frames})
+        stream.append(video)
+        answer = stream.ask(QUESTION, greedy())
+        clips = [video[i:i + clip_frames] for i in range(0, frames, clip_frames)]
+        assert answer.token_ids == vanilla(clips), f"seed {seed}"
+        assert answer.frames_covered == frames
+        stream.close()
+
+
 def vanilla_qwen_vl_answer(lv, items: list, question: str, max_tokens: int = 32) -> list[int]:
     """Vanilla Qwen-VL (a plain request: no LiveVLM parameters) over video items: `<|im_start|>user\\n`, one
     `<|vision_start|><|video_pad|><|vision_end|>` per item, the question turn; greedy token ids."""

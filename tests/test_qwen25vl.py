@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import QUESTION, greedy, qwen_video_metadata, random_video, vanilla_qwen_vl_answer
+from helpers import (QUESTION, assert_lossless_streams_answer_as_vanilla, greedy, qwen_video_metadata, random_video,
+                     vanilla_qwen_vl_answer)
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +36,7 @@ def _vanilla_answer(lv, clips: list[np.ndarray], question: str) -> list[int]:
 @pytest.mark.parametrize("clip_frames, frames", [(4, 12), (2, 10), (4, 10)])
 def test_lossless_answers_equal_vanilla_vllm(lv, clip_frames, frames):
     """Token for token, greedy, 3 seeds; (4, 10) flushes a 2-frame clip, (2, 10) makes 5 one-group clips."""
-    for seed in range(3):
-        video = random_video(seed, frames)
-        stream = lv.open_stream({"clip_frames": clip_frames})
-        stream.append(video)
-        answer = stream.ask(QUESTION, greedy())
-        clips = [video[i:i + clip_frames] for i in range(0, frames, clip_frames)]
-        assert answer.token_ids == _vanilla_answer(lv, clips, QUESTION), f"seed {seed}"
-        assert answer.frames_covered == frames
-        stream.close()
+    assert_lossless_streams_answer_as_vanilla(lv, clip_frames, frames, 3, lambda clips: _vanilla_answer(lv, clips, QUESTION))
 
 
 def test_the_comparison_can_fail(lv):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import QUESTION, greedy, qwen_video_metadata, random_video, vanilla_qwen_vl_answer
+from helpers import (QUESTION, assert_lossless_streams_answer_as_vanilla, greedy, qwen_video_metadata, random_video,
+                     vanilla_qwen_vl_answer)
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +55,7 @@ def _vanilla_answer(lv, clips: list[np.ndarray], stream_time: bool = True) -> li
 @pytest.mark.parametrize("clip_frames, frames", [(4, 12), (4, 10), (2, 6)])
 def test_lossless_answers_equal_vanilla_vllm(lv, clip_frames, frames):
     """Token for token, greedy, 2 seeds; (4, 10) flushes a 2-frame clip, (2, 6) makes one-group clips."""
-    for seed in range(2):
-        video = random_video(seed, frames)
-        stream = lv.open_stream({"clip_frames": clip_frames})
-        stream.append(video)
-        answer = stream.ask(QUESTION, greedy())
-        assert answer.token_ids == _vanilla_answer(lv, _clips(video, clip_frames)), f"seed {seed}"
-        assert answer.frames_covered == frames
-        stream.close()
+    assert_lossless_streams_answer_as_vanilla(lv, clip_frames, frames, 2, lambda clips: _vanilla_answer(lv, clips))
 
 
 def test_the_comparison_can_fail(lv):
