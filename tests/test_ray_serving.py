@@ -434,6 +434,9 @@ def test_scaling_2_to_1_moves_the_streams_without_a_5xx(placed, cluster, referen
     and every stream answers throughout, token for token as before."""
     client, ids, _ = placed
     url, address, config_path, state_root = cluster
+    # Placement reads the replicas' routing stats, reported every second (`request_routing_stats_period_s`):
+    # right after the rebalance a router may still see 6 / 0; wait for both new counts.
+    time.sleep(2.5)
     fresh = [client.create() for _ in range(2)]
     assert len({stream_id[:8] for stream_id in fresh}) == 2
     for n, stream_id in enumerate(fresh):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -34,15 +35,18 @@ LEASE_KEY = "rebalance-lease"
 
 async def held_streams(peers: "DeploymentHandle", timeout_s: float) -> dict[str, list[str]]:
     """Running replica tag -> the ids of the streams it holds (replicas that do not answer within
-    `timeout_s` are left out: starting, stopping, or gone)."""
+    `timeout_s` are left out: starting, stopping, or gone). A replica that has just started may not be known
+    to this replica's router yet: it is asked again until `timeout_s` has passed."""
     held = {}
     for tag in await asyncio.to_thread(placement.live_replicas):
         # One at a time: calls made within one request share its request id, by which Serve's router
         # matches a routed call to the replica chosen for it.
-        try:
-            held[tag] = await asyncio.wait_for(peers.held.remote(tag), timeout_s)
-        except Exception:
-            continue
+        deadline = time.monotonic() + timeout_s
+        while tag not in held and time.monotonic() < deadline:
+            try:
+                held[tag] = await asyncio.wait_for(peers.held.remote(tag), max(deadline - time.monotonic(), 0.1))
+            except Exception:
+                await asyncio.sleep(0.5)
     return held
 
 
